@@ -1,0 +1,10 @@
+"""Test setup: without CUDA, Triton kernels run under the interpreter on the CPU.
+
+TRITON_INTERPRET must be set before triton is first imported, hence here, at collection.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
