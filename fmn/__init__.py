@@ -1,2 +1,29 @@
-"""fmn: Forget-Me-Not concept forgetting for diffusers models, fast."""
+"""fmn: Forget-Me-Not concept forgetting for diffusers models, fast.
+
+Public names are imported lazily so that `import fmn` stays cheap and a CLI start is quick.
+"""
+import importlib
+
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    # diffusers integration (fmn/attention.py, fmn/spans.py)
+    "use_fused_attention": "fmn.attention",
+    "concept_scores": "fmn.attention",
+    "forgetting_loss": "fmn.attention",
+    "suppress": "fmn.attention",
+    "concept_token_mask": "fmn.spans",
+    # the forgetting run and patch files (fmn/forget.py, fmn/patch.py)
+    "forget": "fmn.forget",
+    "Patch": "fmn.patch",
+    "apply": "fmn.patch",
+    "load_patch": "fmn.patch",
+}
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'fmn' has no attribute {name!r}")
