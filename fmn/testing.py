@@ -100,3 +100,70 @@ def save_tiny_pipeline(path, kind="sd1", seed=0):
     pipe = tiny_sd_pipeline(kind, seed)
     pipe.save_pretrained(str(path))
     return pipe
+
+
+class MaterializingCrossAttnProcessor:
+    """Cross-attention as the authors' code runs it: diffusers' classic AttnProcessor math
+    ([B*H, N, L] maps from baddbmm + softmax, then bmm), every probability map kept in memory
+    and the concept columns selected from it. Independent of fmn.attention: the test oracle
+    and the benchmark baseline.
+
+    concept_mask [B, L] bool: columns whose probabilities are collected in `selected`
+    (rows laid out batch-major, b * H + h, the layout head_to_batch_dim gives).
+    zero_mask [B, L] bool: those rows of V are set to zero, i.e. attention on masked values.
+    """
+
+    def __init__(self, concept_mask=None, zero_mask=None):
+        self.concept_mask = concept_mask
+        self.zero_mask = zero_mask
+        self.selected = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        batch, key_len, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        if self.zero_mask is not None:
+            keep = (~self.zero_mask.to(value.device)).repeat_interleave(attn.heads, dim=0)
+            value = value * keep[:, :, None].to(value.dtype)
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        if self.concept_mask is not None:
+            rows = self.concept_mask.to(probs.device).repeat_interleave(attn.heads, dim=0)
+            self.selected.append(probs.transpose(1, 2)[rows])  # [selected columns, N]
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def loss(self):
+        """The authors' loss: the L2 norm of every selected probability."""
+        return torch.cat([s.flatten() for s in self.selected]).norm()
+
+
+def set_cross_attention_processor(unet, processor) -> dict:
+    """Sets `processor` on every attn2 layer of `unet`; returns {name: original processor}."""
+    originals = {}
+    for name, module in unet.named_modules():
+        if name.endswith("attn2") and getattr(module, "is_cross_attention", False):
+            originals[name] = module.processor
+            module.set_processor(processor)
+    return originals
