@@ -1,0 +1,278 @@
+"""Patch files: the small safetensors file a forgetting run produces, and applying it.
+
+A patch holds only what the run changed, under diffusers state-dict names with the component
+prefix ("unet."):
+
+- kind "delta":   trained - base for every trained tensor (fp16 by default; bf16 or fp32 on request)
+- kind "replace": the trained tensors themselves, exactly, in their training dtype
+- kind "lora":    LoRA A/B matrices in the peft/diffusers key format
+                  ("unet.<module>.lora_A.weight", "unet.<module>.lora_B.weight", alpha folded into B
+                  so that alpha == rank), which `pipe.load_lora_weights(path)` accepts as is.
+
+String metadata (JSON values): "fmn.format", "fmn.version", "fmn.kind", "fmn.concepts",
+"fmn.options", "fmn.base_model", "fmn.fingerprint", "fmn.summary"; plus "format": "pt".
+
+The fingerprint names, shapes and 16 evenly spaced sample values of every base tensor the patch
+touches (for LoRA: the wrapped modules' base weights), in the dtype they had. `apply` compares
+them with the target pipeline within the rounding of the coarser of the two dtypes, so a patch
+made on an fp32 load applies to an fp16/bf16 load of the same model, but a patch for another
+model, a patch applied twice to an fp32 model, or a model of another shape is refused.
+Patches are read with safetensors only (never pickle) and written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMAT = "fmn.patch/1"
+KINDS = ("delta", "replace", "lora")
+N_SAMPLES = 16
+
+
+class PatchError(ValueError):
+    """A patch file that cannot be read or used."""
+
+
+class PatchMismatchError(PatchError):
+    """The patch was made for other base weights than the pipeline's."""
+
+
+# ----------------------------------------------------------------------------- tensor lookup
+def _component(pipe, name: str):
+    prefix, _, rest = name.partition(".")
+    comp = getattr(pipe, prefix, None) if prefix else None
+    if comp is None or not isinstance(comp, torch.nn.Module):
+        # a bare module (a UNet) may be passed instead of a pipeline
+        if isinstance(pipe, torch.nn.Module) and prefix == "unet":
+            return pipe, rest
+        raise PatchMismatchError(f"the pipeline has no component {prefix!r} (needed for {name!r})")
+    return comp, rest
+
+
+def get_tensor(pipe, name: str) -> torch.Tensor:
+    """The parameter `name` ("unet.down_blocks...weight") of `pipe`; peft-wrapped layers are looked
+    through (".base_layer.")."""
+    module, rest = _component(pipe, name)
+    mod_name, _, attr = rest.rpartition(".")
+    for cand in (mod_name, mod_name + ".base_layer"):
+        try:
+            sub = module.get_submodule(cand) if cand else module
+        except AttributeError:
+            continue
+        t = getattr(sub, attr, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    raise PatchMismatchError(f"the pipeline has no tensor {name!r}")
+
+
+def _sample_index(numel: int) -> torch.Tensor:
+    return torch.linspace(0, numel - 1, min(N_SAMPLES, numel)).round().long()
+
+
+def fingerprint(pipe, names) -> dict:
+    """{"hash", "dtype", "tensors": {name: {"shape", "values"}}} over the given base tensors."""
+    tensors, h = {}, hashlib.sha256()
+    dtypes = set()
+    for name in sorted(names):
+        t = get_tensor(pipe, name).detach()
+        vals = t.reshape(-1)[_sample_index(t.numel()).to(t.device)].float().cpu()
+        tensors[name] = {"shape": list(t.shape), "values": vals.tolist()}
+        dtypes.add(str(t.dtype).replace("torch.", ""))
+        h.update(name.encode())
+        h.update(repr(list(t.shape)).encode())
+        h.update(vals.numpy().tobytes())
+    return {"hash": h.hexdigest()[:16], "dtype": ",".join(sorted(dtypes)), "tensors": tensors}
+
+
+def _eps(dtype_name: str) -> float:
+    worst = 0.0
+    for d in dtype_name.split(","):
+        dt = getattr(torch, d, torch.float32)
+        worst = max(worst, torch.finfo(dt).eps if dt.is_floating_point else 0.0)
+    return worst
+
+
+def check_fingerprint(pipe, fp: dict, *, base_model: str = "?") -> None:
+    """Raises PatchMismatchError unless `pipe` holds the fingerprinted base tensors."""
+    for name, rec in fp["tensors"].items():
+        try:
+            t = get_tensor(pipe, name).detach()
+        except PatchMismatchError as e:
+            raise PatchMismatchError(f"patch made for base model {base_model!r} does not fit this pipeline: {e}") from None
+        if list(t.shape) != rec["shape"]:
+            raise PatchMismatchError(
+                f"patch made for base model {base_model!r} does not fit this pipeline: {name} has shape "
+                f"{list(t.shape)}, the patch expects {rec['shape']}")
+        got = t.reshape(-1)[_sample_index(t.numel()).to(t.device)].float().cpu()
+        want = torch.tensor(rec["values"], dtype=torch.float32)
+        rtol = max(_eps(fp.get("dtype", "float32")), torch.finfo(t.dtype).eps)
+        atol = 2.0 ** -24 if (t.dtype == torch.float16 or "float16" in fp.get("dtype", "").split(",")) else 0.0
+        if not torch.allclose(got, want, rtol=rtol, atol=atol):
+            i = int(((got - want).abs() - rtol * want.abs()).argmax())
+            raise PatchMismatchError(
+                f"patch made for base model {base_model!r} (fingerprint {fp.get('hash')}) does not match this "
+                f"pipeline's weights: {name} sample {i} is {got[i].item():.6g}, expected {want[i].item():.6g}. "
+                f"It was made for other weights, or is already applied.")
+
+
+# ----------------------------------------------------------------------------- files
+def atomic_write(path, write, *, force=False, suffix=None):
+    """Calls write(tmp_path) on a temporary file next to `path`, then os.replace()s it into place.
+    Refuses an existing `path` unless force; leaves nothing behind on failure or interrupt."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or ".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+@dataclass
+class Patch:
+    """What a forgetting run changed. `tensors` are on the CPU, named "<component>.<param name>"."""
+    tensors: dict
+    kind: str
+    concepts: list
+    base_model: str
+    fingerprint: dict
+    options: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    version: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise PatchError(f"unknown patch kind {self.kind!r}; expected one of {KINDS}")
+        if not self.version:
+            from fmn import __version__
+            self.version = __version__
+
+    # -- info
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def id(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.fingerprint.get("hash", "").encode())
+        h.update(json.dumps([self.kind, self.concepts, self.options], sort_keys=True, default=str).encode())
+        return h.hexdigest()[:12]
+
+    def __repr__(self):
+        return (f"Patch(kind={self.kind!r}, concepts={self.concepts!r}, tensors={len(self.tensors)}, "
+                f"{self.nbytes / 2**20:.2f} MiB, base={self.base_model!r}, fingerprint={self.fingerprint.get('hash')})")
+
+    def metadata(self) -> dict:
+        return {
+            "format": "pt",
+            "fmn.format": FORMAT,
+            "fmn.version": self.version,
+            "fmn.kind": self.kind,
+            "fmn.concepts": json.dumps(self.concepts),
+            "fmn.options": json.dumps(self.options, sort_keys=True, default=str),
+            "fmn.base_model": self.base_model,
+            "fmn.fingerprint": json.dumps(self.fingerprint),
+            "fmn.summary": json.dumps(self.summary, sort_keys=True, default=str),
+        }
+
+    # -- files
+    def save(self, path, *, force: bool = False) -> Path:
+        """Writes the patch atomically; refuses an existing file unless force. Returns the path."""
+        from safetensors.torch import save_file
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+        for k, v in tensors.items():
+            if not torch.isfinite(v).all():
+                raise PatchError(f"patch tensor {k} is not finite (overflow in {v.dtype}?); "
+                                 "nothing was written. Try patch_dtype='fp32' or 'exact'.")
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()), force=force)
+
+    @classmethod
+    def load(cls, path) -> "Patch":
+        from safetensors import safe_open
+        path = Path(path)
+        if not path.is_file():
+            raise PatchError(f"patch file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types
+            raise PatchError(f"cannot read patch {path}: not a safetensors file ({e})") from None
+        if meta.get("fmn.format") != FORMAT:
+            raise PatchError(f"{path} is not an fmn patch (metadata fmn.format = {meta.get('fmn.format')!r}, "
+                             f"expected {FORMAT!r})")
+        try:
+            return cls(tensors=tensors, kind=meta["fmn.kind"], concepts=json.loads(meta["fmn.concepts"]),
+                       base_model=meta.get("fmn.base_model", ""), fingerprint=json.loads(meta["fmn.fingerprint"]),
+                       options=json.loads(meta.get("fmn.options", "{}")),
+                       summary=json.loads(meta.get("fmn.summary", "{}")), version=meta.get("fmn.version", ""))
+        except (KeyError, json.JSONDecodeError) as e:
+            raise PatchError(f"{path}: broken fmn metadata ({e})") from None
+
+    # -- applying
+    def check(self, pipe) -> None:
+        """Raises PatchMismatchError unless the patch was made for `pipe`'s current weights."""
+        check_fingerprint(pipe, self.fingerprint, base_model=self.base_model)
+
+    def apply(self, pipe, *, check: bool = True, fuse: bool = True, adapter_name: str | None = None):
+        """Applies the patch to `pipe` in place and returns it.
+
+        delta/replace patches change the trained tensors. LoRA patches are merged into the base
+        weights when fuse=True (W += B @ A, in fp32, then cast back); with fuse=False they are
+        loaded as a peft adapter through `pipe.load_lora_weights` (name `adapter_name`, default
+        "fmn_<patch id>"), which keeps them switchable.
+        """
+        if check:
+            self.check(pipe)
+        with torch.no_grad():
+            if self.kind == "lora" and not fuse:
+                pipe.load_lora_weights({k: v for k, v in self.tensors.items()},
+                                       adapter_name=adapter_name or f"fmn_{self.id}")
+                return pipe
+            if self.kind == "lora":
+                for key_a in [k for k in self.tensors if k.endswith(".lora_A.weight")]:
+                    stem = key_a[: -len(".lora_A.weight")]
+                    a = self.tensors[key_a].float()
+                    b = self.tensors[stem + ".lora_B.weight"].float()
+                    w = get_tensor(pipe, stem + ".weight")
+                    delta = (b.to(w.device) @ a.to(w.device)).reshape(w.shape)
+                    w.copy_((w.float() + delta).to(w.dtype))
+                return pipe
+            for name, t in self.tensors.items():
+                w = get_tensor(pipe, name)
+                t = t.to(w.device)
+                if self.kind == "delta":
+                    w.copy_((w.float() + t.float()).to(w.dtype))
+                else:
+                    w.copy_(t.to(w.dtype))
+        return pipe
+
+
+def load_patch(path) -> Patch:
+    """Reads a patch file (safetensors only)."""
+    return Patch.load(path)
+
+
+def apply(pipe, patch, *, check: bool = True, fuse: bool = True):
+    """Applies `patch` (a Patch or a path) to `pipe` in place, after checking its fingerprint."""
+    if not isinstance(patch, Patch):
+        patch = load_patch(patch)
+    return patch.apply(pipe, check=check, fuse=fuse)
