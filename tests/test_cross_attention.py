@@ -82,8 +82,8 @@ def assert_within_rule(name, actual, oracle, torch_same_dtype, dtype):
 def check_against_oracle(q, k, v, masks, split=None, seed=0):
     dtype = q.dtype
     g = torch.Generator().manual_seed(seed + 2)
-    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
-    dscore = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(q.device)
+    dscore = torch.randn(q.shape[:3], generator=g, dtype=torch.float64).to(q.device)
     oracle = run(reference_fn(True), q.double(), k.double(), v.double(), dout, dscore, **masks)
     same_dtype = run(reference_fn(False), q, k, v, dout.to(dtype), dscore.float(), **masks)
     kernel = run(triton_fn(split), q, k, v, dout.to(dtype), dscore.float(), **masks)

@@ -1,0 +1,123 @@
+"""Shared benchmark plumbing: machine description, timing, peak memory, atomic result files."""
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _mmap_large_blocks() -> None:
+    """glibc: serve blocks >= 64 KiB from mmap, so freed tensors leave the resident set at once
+    and CPU peak memory can be read off it. Done at import, before any tensor is freed."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_mmap_large_blocks()
+
+
+def machine_info() -> dict:
+    import diffusers
+    import transformers
+    import triton
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def device_tag(device: torch.device) -> str:
+    """A short file-name tag: 'cpu' or the GPU's name, e.g. 'nvidia-h100-80gb-hbm3'."""
+    if device.type != "cuda":
+        return "cpu"
+    return "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def time_ms(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in milliseconds (CUDA: triton's do_bench with its L2 flush)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=max(50, 10 * repeats), return_mode="median")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mib(fn, device: torch.device) -> float:
+    """Peak memory allocated by one call of fn() above what was allocated before it, in MiB.
+
+    CUDA: the caching allocator's peak counter. CPU (Linux): the resident set's high-water mark
+    (VmHWM, reset through /proc/self/clear_refs) above the resident set before the call.
+    NaN where /proc is unavailable.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _proc_status_kib("VmRSS")
+    except (OSError, AttributeError, ValueError):
+        return float("nan")
+    fn()
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise ValueError(f"{field} not in /proc/self/status")
+
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(payload, f, indent=2)
+        tmp = f.name
+    os.replace(tmp, path)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return "-" if value is None else str(value)
