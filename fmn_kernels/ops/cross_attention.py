@@ -307,8 +307,10 @@ def _config(q, L):
     one_key_block = L <= 128
     block_n = max(16, triton.next_power_of_2(L)) if one_key_block else (32 if block_d > 128 else 64)
     block_m = 64 if block_d <= 128 else 32
+    # dK/dV keep two [BLOCK_N, BLOCK_D] fp32 accumulators live: smaller key tiles for wide heads.
+    block_n_kv = min(block_n, 64 if block_d <= 128 else 32)
     return dict(
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_M=block_m, ONE_KEY_BLOCK=one_key_block,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_N_KV=block_n_kv, BLOCK_M=block_m, ONE_KEY_BLOCK=one_key_block,
         UPCAST=triton_interpreting() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4 if block_d <= 64 else 8,
@@ -329,7 +331,7 @@ def _dkdv_split(q, L, cfg, requested):
     if requested is not None:
         split = requested
     elif q.is_cuda:
-        programs = triton.cdiv(L, cfg["BLOCK_N"]) * q.shape[0] * q.shape[1]
+        programs = triton.cdiv(L, cfg["BLOCK_N_KV"]) * q.shape[0] * q.shape[1]
         target = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
         split = math.ceil(target / programs)
     else:
@@ -394,12 +396,12 @@ def _backward(q, k, v, out, score, lse, w, keep, valid, do, dscore, scale, cfg, 
         dk_buf = torch.empty((split, B, H, L, D), device=q.device, dtype=torch.float32)
         dv_buf = torch.empty_like(dk_buf)
     split_strides = lambda t: (0 if atomic else t.stride(0), *t.stride()[1:4])  # noqa: E731
-    grid = (triton.cdiv(L, cfg["BLOCK_N"]), B * H, split)
+    grid = (triton.cdiv(L, cfg["BLOCK_N_KV"]), B * H, split)
     _bwd_dkdv_kernel[grid](
         q, k, v, *vectors, do, lse, delta, dscore, dk_buf, dv_buf,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *split_strides(dk_buf), *split_strides(dv_buf),
-        H, N, L, D, scale * LOG2E, scale, rows_per_split, ATOMIC=atomic, **flags,
+        H, N, L, D, scale * LOG2E, scale, rows_per_split, ATOMIC=atomic, **{**flags, "BLOCK_N": cfg["BLOCK_N_KV"]},
     )
     if split > 1:
         dk = dk_buf.sum(0).to(k.dtype)
