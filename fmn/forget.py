@@ -29,6 +29,7 @@ import sys
 import time
 import warnings
 import dataclasses
+import json
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fmn.patch import Patch, fingerprint
+from fmn.patch import Patch, fingerprint, restrict_fingerprint
 
 TEMPLATES = {
     "object": ["a photo of {}"],
@@ -133,7 +134,7 @@ class ForgetOptions:
         d = asdict(self)
         for k in ("progress", "device", "base_model", "inplace", "offload"):
             d.pop(k)
-        return d
+        return json.loads(json.dumps(d))  # tuples as lists: what a patch file gives back
 
 
 def templates(template) -> list[str]:
@@ -711,7 +712,7 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
         t_train = time.perf_counter() - t_train
         with torch.no_grad():
             loss_after = step_loss(*eval_batch)
-        if not math.isfinite(loss_after) or not torch.isfinite(torch.stack([p.detach().float().sum() for p in params])).all():
+        if not math.isfinite(loss_after) or not all(bool(torch.isfinite(p).all()) for p in params):
             raise ForgetError("the trained weights are not finite; nothing was written. Try a lower lr.")
         if accel.num_processes > 1:
             model = accel.unwrap_model(model, keep_fp32_wrapper=False)
@@ -722,17 +723,29 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
         if opts.train == "lora":
             from peft.utils import get_peft_model_state_dict
             scale = (opts.lora_alpha if opts.lora_alpha is not None else opts.lora_rank) / opts.lora_rank
-            for k, v in get_peft_model_state_dict(unet, adapter_name="fmn").items():
-                v = v.detach().float().cpu()
-                if ".lora_B." in k:
-                    v = v * scale  # alpha folded in: the file loads with alpha == rank
-                tensors["unet." + k] = v if out_dtype is None else v.to(out_dtype)
+            sd = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet, adapter_name="fmn").items()}
+            for k, v in sd.items():
+                if ".lora_A." not in k:
+                    continue
+                b = sd[k.replace(".lora_A.", ".lora_B.")] * scale  # alpha folded in: loads with alpha == rank
+                if not b.any():
+                    continue  # B still zero: this layer got no gradient, the pair changes nothing
+                for key, t in ((k, v), (k.replace(".lora_A.", ".lora_B."), b)):
+                    tensors["unet." + key] = t if out_dtype is None else t.to(out_dtype)
+            touched = {k.split(".lora_")[0] + ".weight" for k in tensors}
             kind = "lora"
         else:
             kind = "replace" if out_dtype is None else "delta"
             for n, p in trained_list:
                 trained = p.detach().float().cpu()
+                if torch.equal(trained, saved[n].float()):
+                    continue  # unchanged (no gradient reached it): not part of the patch
                 tensors["unet." + n] = trained if out_dtype is None else (trained - saved[n].float()).to(out_dtype)
+            touched = set(tensors)
+        if not tensors:
+            raise ForgetError("no weight changed during the run (no gradient reached the trainable set?); "
+                              "nothing was written")
+        fp = restrict_fingerprint(fp, touched)
         summary = {
             "seconds_total": round(time.perf_counter() - t_start, 4), "seconds_train": round(t_train, 4),
             "steps": opts.steps, "batch_size": opts.batch_size, "device": str(device),

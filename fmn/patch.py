@@ -77,17 +77,29 @@ def _sample_index(numel: int) -> torch.Tensor:
 
 def fingerprint(pipe, names) -> dict:
     """{"hash", "dtype", "tensors": {name: {"shape", "values"}}} over the given base tensors."""
-    tensors, h = {}, hashlib.sha256()
-    dtypes = set()
+    tensors, dtypes = {}, set()
     for name in sorted(names):
         t = get_tensor(pipe, name).detach()
         vals = t.reshape(-1)[_sample_index(t.numel()).to(t.device)].float().cpu()
         tensors[name] = {"shape": list(t.shape), "values": vals.tolist()}
         dtypes.add(str(t.dtype).replace("torch.", ""))
+    return _with_hash({"dtype": ",".join(sorted(dtypes)), "tensors": tensors})
+
+
+def restrict_fingerprint(fp: dict, names) -> dict:
+    """The fingerprint of a subset of its tensors."""
+    names = set(names)
+    return _with_hash({"dtype": fp["dtype"], "tensors": {k: v for k, v in fp["tensors"].items() if k in names}})
+
+
+def _with_hash(fp: dict) -> dict:
+    h = hashlib.sha256()
+    for name in sorted(fp["tensors"]):
+        rec = fp["tensors"][name]
         h.update(name.encode())
-        h.update(repr(list(t.shape)).encode())
-        h.update(vals.numpy().tobytes())
-    return {"hash": h.hexdigest()[:16], "dtype": ",".join(sorted(dtypes)), "tensors": tensors}
+        h.update(repr(rec["shape"]).encode())
+        h.update(torch.tensor(rec["values"], dtype=torch.float32).numpy().tobytes())
+    return {"hash": h.hexdigest()[:16], **fp}
 
 
 def _eps(dtype_name: str) -> float:
@@ -135,6 +147,9 @@ def atomic_write(path, write, *, force=False, suffix=None):
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:

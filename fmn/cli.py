@@ -1,0 +1,314 @@
+"""`fmn` command line: forget, apply, generate, info.
+
+    fmn forget   --model PATH_OR_HUB_ID --concept TEXT [--concept TEXT ...] [--images DIR] --out PATCH.safetensors
+    fmn apply    --model PATH_OR_HUB_ID --patch PATCH.safetensors --out DIR
+    fmn generate --model PATH_OR_HUB_ID [--patch PATCH.safetensors] --prompt TEXT [...] --out grid.png [--compare]
+    fmn info     PATCH.safetensors
+
+Without --model the built-in toy model (fmn.toy) is used. Exit status: 0 done, 1 the run failed
+(e.g. a non-finite loss), 2 bad input, 130 interrupted. Nothing is written unless the command
+completes: outputs appear atomically, and an existing output is refused without --force.
+Also runs as `python -m fmn` and under `accelerate launch -m fmn forget ...` (data parallel).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class CLIError(Exception):
+    """Bad input: printed as 'fmn: error: ...', exit status 2."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _default_model() -> str:
+    try:
+        from fmn.toy import default_model_path
+    except ImportError as e:
+        raise CLIError("no --model given, and the built-in default model is not available in this install "
+                       f"(fmn.toy: {e}); pass --model PATH_OR_HUB_ID") from None
+    return str(default_model_path())
+
+
+def _device(name):
+    import torch
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(model, precision="fp32", *, for_training=False, device=None):
+    """A diffusers pipeline from a folder or hub id, with clear errors."""
+    import torch
+    from diffusers import DiffusionPipeline
+    model = model or _default_model()
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1
+    if looks_local:
+        if not path.exists():
+            raise CLIError(f"model folder {model} does not exist")
+        if not path.is_dir():
+            raise CLIError(f"model {model} is not a folder (expected a diffusers pipeline folder with model_index.json)")
+        if not (path / "model_index.json").is_file():
+            raise CLIError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
+        model = str(path)
+    import diffusers.utils.deprecation_utils as dep
+    # diffusers renamed torch_dtype to dtype (0.36+); older versions only know torch_dtype
+    dtype_kw = "dtype" if hasattr(dep, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+    kwargs = {dtype_kw: getattr(torch, DTYPES[precision])}
+    if for_training:
+        try:
+            cfg = DiffusionPipeline.load_config(model)
+            if "safety_checker" in cfg:  # not used for training: do not load it
+                kwargs.update(safety_checker=None, requires_safety_checker=False)
+        except Exception:
+            pass
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"cannot load model {model!r}: {msg}") from None
+    if not hasattr(pipe, "unet") or getattr(pipe, "text_encoder", None) is None:
+        raise CLIError(f"{model} loads as {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x/XL pipeline")
+    pipe.to(_device(device))
+    return pipe
+
+
+def _refuse_existing(path, force):
+    p = Path(path)
+    if p.exists() and not force:
+        raise CLIError(f"{p} exists; pass --force to overwrite it")
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _save_dir_atomically(save, out: Path, force: bool):
+    """save(tmp_dir) then move it to `out` (replacing it only with force)."""
+    out = Path(out)
+    _refuse_existing(out, force)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _grid(images, rows, cols):
+    from PIL import Image
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_forget(a):
+    from fmn.forget import ForgetOptions, format_summary, forget
+    _refuse_existing(a.out, a.force)
+    if a.images is not None:
+        images = Path(a.images)
+        if not images.is_dir():
+            raise CLIError(f"--images {a.images}: {'no such folder' if not images.exists() else 'not a folder'}")
+    else:
+        images = None
+    template = a.template if len(a.template) > 1 or a.template[0] not in ("object", "style") else a.template[0]
+    try:
+        opts = ForgetOptions(
+            steps=a.steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed, resolution=a.resolution,
+            train=a.train, loss=a.loss, visual_weight=a.visual_weight, template=template, n_images=a.n_images,
+            gen_steps=a.gen_steps, include_eos=a.include_eos, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
+            precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, backend=a.backend,
+            inversion=a.inversion, inversion_steps=a.inversion_steps, inversion_tokens=a.inversion_tokens,
+            patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
+            progress=not a.quiet, base_model=a.model or "fmn-toy")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    pipe = load_pipeline(a.model, a.precision, for_training=True, device=a.device)
+    patch = forget(pipe, a.concept, images, options=opts)
+    from fmn.forget import _accelerator
+    if not _accelerator().is_main_process:
+        return 0
+    path = patch.save(a.out, force=a.force)
+    if not a.quiet:
+        print(format_summary(patch, path))
+    return 0
+
+
+def cmd_apply(a):
+    from fmn.patch import load_patch
+    _refuse_existing(a.out, a.force)
+    patch = load_patch(a.patch)
+    pipe = load_pipeline(a.model, a.precision, device=a.device)
+    patch.apply(pipe)
+    _save_dir_atomically(lambda d: pipe.save_pretrained(str(d)), Path(a.out), a.force)
+    if not a.quiet:
+        print(f"applied {patch.kind} patch for {', '.join(patch.concepts)} -> {a.out}")
+    return 0
+
+
+def cmd_generate(a):
+    import torch
+    from fmn.patch import atomic_write, load_patch
+    _refuse_existing(a.out, a.force)
+    if a.compare and not a.patch:
+        raise CLIError("--compare needs --patch")
+    patch = load_patch(a.patch) if a.patch else None
+    pipe = load_pipeline(a.model, a.precision, device=a.device)
+    if patch is not None:
+        patch.check(pipe)
+    if a.quiet:
+        pipe.set_progress_bar_config(disable=True)
+    kw = {}
+    if a.resolution:
+        kw.update(height=a.resolution, width=a.resolution)
+
+    def run():
+        images = []
+        for prompt in a.prompt:
+            gens = [torch.Generator("cpu").manual_seed(a.seed + i) for i in range(a.n)]
+            images += pipe(prompt=[prompt] * a.n, num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
+                           generator=gens, **kw).images
+        return images
+
+    base = run() if (patch is None or a.compare) else None
+    if patch is not None:
+        patch.apply(pipe)
+        patched = run()
+    if a.compare:
+        rows = []
+        for r in range(len(a.prompt)):
+            rows += base[r * a.n:(r + 1) * a.n] + patched[r * a.n:(r + 1) * a.n]
+        grid = _grid(rows, len(a.prompt), 2 * a.n)
+    else:
+        grid = _grid(patched if patch is not None else base, len(a.prompt), a.n)
+    atomic_write(a.out, lambda tmp: grid.save(tmp, format="PNG"), force=a.force)
+    if not a.quiet:
+        print(f"wrote {a.out} ({len(a.prompt)} prompts x {a.n} images"
+              + (", base | patched" if a.compare else "") + ")")
+    return 0
+
+
+def cmd_info(a):
+    from fmn.patch import load_patch
+    p = load_patch(a.patch)
+    info = {"kind": p.kind, "concepts": p.concepts, "base_model": p.base_model, "fmn_version": p.version,
+            "fingerprint": p.fingerprint.get("hash"), "tensors": len(p.tensors), "bytes": p.nbytes,
+            "options": p.options, "summary": {k: v for k, v in p.summary.items() if k != "losses"}}
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from fmn import __version__
+    ap = argparse.ArgumentParser(prog="fmn", description="Forget-Me-Not concept forgetting for Stable Diffusion: "
+                                 "fast, with small patch files.")
+    ap.add_argument("--version", action="version", version=f"fmn {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL); default: the built-in toy model"):
+        p.add_argument("--model", default=None, help=model_help)
+        p.add_argument("--precision", choices=list(DTYPES), default="fp32",
+                       help="weights/compute precision (default fp32)")
+        p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+        p.add_argument("--force", action="store_true", help="overwrite an existing output")
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+
+    f = sub.add_parser("forget", help="train a patch that makes the model forget concepts")
+    common(f)
+    f.add_argument("--concept", action="append", required=True, help="concept to forget (repeat for several)")
+    f.add_argument("--images", default=None,
+                   help="folder of reference images (or one subfolder per concept); default: generated")
+    f.add_argument("--out", required=True, help="patch file to write (.safetensors)")
+    f.add_argument("--steps", type=int, default=35)
+    f.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-6; 1e-4 for --train lora)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--resolution", type=int, default=None, help="default: from the model's config")
+    f.add_argument("--batch-size", type=int, default=1)
+    f.add_argument("--train", choices=["attn2", "attn2-kv", "unet", "lora"], default="attn2")
+    f.add_argument("--loss", choices=["attention", "visual", "both"], default="attention")
+    f.add_argument("--visual-weight", type=float, default=1.0)
+    f.add_argument("--template", action="append", default=None,
+                   help="'object' (default), 'style', or a custom template with {} (repeat for several)")
+    f.add_argument("--n-images", type=int, default=None, help="images generated per concept (default 10; 4 on tiny models)")
+    f.add_argument("--gen-steps", type=int, default=30, help="inference steps for generated images")
+    f.add_argument("--include-eos", action="store_true", help="also mark end-of-text slots (authors' use_pooler)")
+    f.add_argument("--lora-rank", type=int, default=4)
+    f.add_argument("--lora-alpha", type=float, default=None)
+    f.add_argument("--inversion", action="store_true", help="concept inversion (textual inversion) first")
+    f.add_argument("--inversion-steps", type=int, default=500)
+    f.add_argument("--inversion-tokens", type=int, default=4)
+    f.add_argument("--patch-dtype", choices=["fp16", "bf16", "fp32", "exact"], default="fp16",
+                   help="deltas in fp16/bf16/fp32, or 'exact' trained tensors")
+    f.add_argument("--gradient-checkpointing", action="store_true")
+    f.add_argument("--max-grad-norm", type=float, default=None)
+    f.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto",
+                   help="concept attention: fused Triton kernels (auto on CUDA) or the materialising reference")
+    f.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("apply", help="apply a patch and save the patched pipeline")
+    common(p)
+    p.add_argument("--patch", required=True)
+    p.add_argument("--out", required=True, help="output pipeline folder")
+    p.set_defaults(func=cmd_apply)
+
+    g = sub.add_parser("generate", help="generate an image grid, optionally with a patch")
+    common(g)
+    g.add_argument("--patch", default=None)
+    g.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several rows)")
+    g.add_argument("--out", required=True, help="PNG grid to write")
+    g.add_argument("--compare", action="store_true", help="base and patched side by side")
+    g.add_argument("--n", type=int, default=4, help="images per prompt")
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance-scale", type=float, default=7.5)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resolution", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="print a patch's metadata")
+    i.add_argument("patch")
+    i.set_defaults(func=cmd_info)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "template", "x") is None:
+        args.template = ["object"]
+    from fmn.forget import ForgetError
+    from fmn.patch import PatchError
+    if getattr(args, "quiet", False):
+        from diffusers.utils import logging as dlog
+        dlog.disable_progress_bar()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("fmn: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CLIError, PatchError, ValueError, OSError) as e:
+        print(f"fmn: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ForgetError as e:
+        print(f"fmn: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
