@@ -19,6 +19,7 @@ SHAPES = [
     (2, 1, 19, 1, 80),
     (1, 1, 33, 154, 160),
     (2, 3, 1, 77, 64),
+    (1, 2, 40, 77, 80),
 ]
 FLOOR_ULPS = 8
 
@@ -122,13 +123,14 @@ def test_mask_combinations(mask_set):
     check_against_oracle(q, k, v, masks)
 
 
+@pytest.mark.parametrize("L", [77, 154], ids=["fused_dq", "separate_dq"])
 @pytest.mark.parametrize("split", [2, 5])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_dkdv_split_reductions(split, deterministic):
+def test_dkdv_split_reductions(split, deterministic, L):
     """Query rows split over programs: atomics, or the deterministic workspace (bitwise repeatable)."""
-    shape = (1, 2, 300, 154, 64)
+    shape = (1, 2, 300, L, 64)
     q, k, v = make_inputs(*shape, torch.float32, seed=5)
-    weights, zero_mask, key_mask = make_masks(1, 154, seed=5)
+    weights, zero_mask, key_mask = make_masks(1, L, seed=5)
     masks = dict(concept_weights=weights, zero_mask=zero_mask, key_mask=key_mask)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)

@@ -21,10 +21,12 @@ Backward, with upstream dO and g_i = dLoss/dc_i:
     ds_ij   = p_ij (dp_ij - delta_i)
     dQ = s dS K,   dK = s dS^T Q,   dV = (P * (1 - z))^T dO
 
-dQ comes from a grid over query blocks. dK/dV come from a grid over (key block, batch*head, split):
-with L = 77 there is one key block, so the query rows are split over `split` programs to fill the
-GPU, and their partial dK/dV are reduced with fp32 atomics, or, when
-torch.are_deterministic_algorithms_enabled(), written to a workspace and summed in a fixed order.
+dK/dV come from a grid over (key block, batch*head, split): with L = 77 there is one key block, so
+the query rows are split over `split` programs to fill the GPU, and their partial dK/dV are reduced
+with fp32 atomics, or, when torch.are_deterministic_algorithms_enabled(), written to a workspace
+and summed in a fixed order. When one key tile holds all keys (SD's L = 77 with D <= 64) that same
+pass computes delta and dQ too: q, dO and O are read once, one kernel in all. Otherwise delta and
+dQ come from their own kernels over query blocks (FlashAttention-2's split).
 """
 import math
 
@@ -180,13 +182,13 @@ def _bwd_ds(q, k, v, do, lse, delta, g, w, keep, valid, qk_scale,
 
 
 @triton.jit
-def _load_row_vectors(LSE, DELTA, DSCORE, row_base, rows, row_ok, HAS_G: tl.constexpr):
+def _load_row_vectors(LSE, DSCORE, row_base, rows, row_ok, HAS_G: tl.constexpr):
+    """LSE (inf past the last row, so p = 0 there) and g = dLoss/dc of a block of rows."""
     lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
     g = tl.zeros(rows.shape, dtype=tl.float32)
     if HAS_G:
         g = tl.load(DSCORE + row_base + rows, mask=row_ok, other=0.0)
-    return lse, delta, g
+    return lse, g
 
 
 @triton.jit
@@ -216,7 +218,8 @@ def _bwd_dq_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows64 * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows64 * stride_don + offs_d[None, :],
                  mask=row_mask, other=0.0)
-    lse, delta, g = _load_row_vectors(LSE, DELTA, DSCORE, pid_bh.to(tl.int64) * N, rows, row_ok, HAS_G)
+    lse, g = _load_row_vectors(LSE, DSCORE, pid_bh.to(tl.int64) * N, rows, row_ok, HAS_G)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
@@ -236,22 +239,26 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, W, KEEP, VALID, DO, LSE, DELTA, DSCORE, DK, DV,
+    Q, K, V, W, KEEP, VALID, DO, LSE, DELTA, DSCORE, DK, DV, O, SCORE, DQ,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dks, stride_dkb, stride_dkh, stride_dkn,
     stride_dvs, stride_dvb, stride_dvh, stride_dvn,
+    stride_ob, stride_oh, stride_on,
+    stride_dqb, stride_dqh, stride_dqn,
     H, N, L, D, qk_scale, scale, rows_per_split,
     HAS_W: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_VALID: tl.constexpr, HAS_G: tl.constexpr,
-    ATOMIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr, FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key block from the query rows [split * rows_per_split, +rows_per_split).
 
     DK/DV carry a split stride: the final tensors (stride 0, one split), a workspace with one slice
     per split (deterministic), or one fp32 buffer that the splits add into atomically.
+    FUSED_DQ (all keys in this one block, short L): the same pass also computes delta from O and
+    dO and writes dQ, so q and dO are read once and no other backward kernel runs.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -283,10 +290,22 @@ def _bwd_dkdv_kernel(
         rows64 = rows[:, None].to(tl.int64)
         q = tl.load(q_base + rows64 * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
         do = tl.load(do_base + rows64 * stride_don + offs_d[None, :], mask=row_mask, other=0.0)
-        lse, delta, g = _load_row_vectors(LSE, DELTA, DSCORE, row_base, rows, row_ok, HAS_G)
+        lse, g = _load_row_vectors(LSE, DSCORE, row_base, rows, row_ok, HAS_G)
+        if FUSED_DQ:
+            o = tl.load(O + b * stride_ob + h * stride_oh + rows64 * stride_on + offs_d[None, :],
+                        mask=row_mask, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            if HAS_G:
+                delta += 2.0 * g * tl.load(SCORE + row_base + rows, mask=row_ok, other=0.0)
+        else:
+            delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
         p, ds = _bwd_ds(q, k, v, do, lse, delta, g, w, keep, valid, qk_scale, HAS_G, UPCAST, PRECISION)
         dv += _dot(tl.trans(p * keep[None, :]).to(do.dtype), do, UPCAST, PRECISION)
         dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST, PRECISION)
+        if FUSED_DQ:
+            dq = _dot(ds.to(k.dtype), k, UPCAST, PRECISION) * scale
+            tl.store(DQ + b * stride_dqb + h * stride_dqh + rows64 * stride_dqn + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=row_mask)
 
     dk *= scale
     split64 = pid_split.to(tl.int64)
@@ -307,10 +326,13 @@ def _config(q, L):
     one_key_block = L <= 128
     block_n = max(16, triton.next_power_of_2(L)) if one_key_block else (32 if block_d > 128 else 64)
     block_m = 64 if block_d <= 128 else 32
-    # dK/dV keep two [BLOCK_N, BLOCK_D] fp32 accumulators live: smaller key tiles for wide heads.
-    block_n_kv = min(block_n, 64 if block_d <= 128 else 32)
+    # The dK/dV pass keeps two [BLOCK_N_KV, BLOCK_D] fp32 accumulators live. When all keys fit in
+    # one such tile (short L, narrow heads: SD's L = 77 with D <= 64), it computes dQ as well.
+    fused_dq = one_key_block and block_n * block_d <= 128 * 64
+    block_n_kv = block_n if fused_dq else min(block_n, 64 if block_d <= 128 else 32)
     return dict(
         BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_N_KV=block_n_kv, BLOCK_M=block_m, ONE_KEY_BLOCK=one_key_block,
+        FUSED_DQ=fused_dq,
         UPCAST=triton_interpreting() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4 if block_d <= 64 else 8,
@@ -366,23 +388,25 @@ def _backward(q, k, v, out, score, lse, w, keep, valid, do, dscore, scale, cfg, 
     L = k.shape[2]
     has_g = dscore is not None and w is not None
     dscore = dscore.contiguous() if has_g else lse
-    delta = torch.empty_like(lse)
-    row_grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
-    _bwd_delta_kernel[row_grid](
-        out, do, score, dscore, delta, *out.stride()[:3], *do.stride()[:3], H, N, D,
-        HAS_G=has_g, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
-    )
+    fused_dq = cfg["FUSED_DQ"]
     vectors = (w if w is not None else lse, keep if keep is not None else lse, valid if valid is not None else lse)
     flags = dict(HAS_W=w is not None, HAS_KEEP=keep is not None, HAS_VALID=valid is not None, HAS_G=has_g,
                  UPCAST=cfg["UPCAST"], PRECISION=cfg["PRECISION"],
-                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
-
+                 BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     dq = torch.empty_like(q)
-    _bwd_dq_kernel[row_grid](
-        q, k, v, *vectors, do, lse, delta, dscore, dq,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        H, N, L, D, scale * LOG2E, scale, **flags,
-    )
+    delta = lse  # unused by the fused pass, which computes delta itself
+    if not fused_dq:
+        delta = torch.empty_like(lse)
+        row_grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
+        _bwd_delta_kernel[row_grid](
+            out, do, score, dscore, delta, *out.stride()[:3], *do.stride()[:3], H, N, D,
+            HAS_G=has_g, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
+        )
+        _bwd_dq_kernel[row_grid](
+            q, k, v, *vectors, do, lse, delta, dscore, dq,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+            H, N, L, D, scale * LOG2E, scale, BLOCK_N=cfg["BLOCK_N"], **flags,
+        )
 
     split, rows_per_split = _dkdv_split(q, L, cfg, split_request)
     atomic = split > 1 and not torch.are_deterministic_algorithms_enabled()
@@ -398,10 +422,11 @@ def _backward(q, k, v, out, score, lse, w, keep, valid, do, dscore, scale, cfg, 
     split_strides = lambda t: (0 if atomic else t.stride(0), *t.stride()[1:4])  # noqa: E731
     grid = (triton.cdiv(L, cfg["BLOCK_N_KV"]), B * H, split)
     _bwd_dkdv_kernel[grid](
-        q, k, v, *vectors, do, lse, delta, dscore, dk_buf, dv_buf,
+        q, k, v, *vectors, do, lse, delta, dscore, dk_buf, dv_buf, out, score, dq,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *split_strides(dk_buf), *split_strides(dv_buf),
-        H, N, L, D, scale * LOG2E, scale, rows_per_split, ATOMIC=atomic, **{**flags, "BLOCK_N": cfg["BLOCK_N_KV"]},
+        *split_strides(dk_buf), *split_strides(dv_buf), *out.stride()[:3], *dq.stride()[:3],
+        H, N, L, D, scale * LOG2E, scale, rows_per_split, ATOMIC=atomic, FUSED_DQ=fused_dq,
+        BLOCK_N=cfg["BLOCK_N_KV"], **flags,
     )
     if split > 1:
         dk = dk_buf.sum(0).to(k.dtype)
