@@ -1,0 +1,55 @@
+"""Builders for the toy Stable-Diffusion-structured pipeline (same diffusers/transformers classes as SD 1.x).
+
+VAE: AutoencoderKL, 32 px RGB <-> 4 x 16 x 16 latents (down factor 2).
+Text encoder: CLIPTextModel (hidden 64, vocabulary 49408 so the real SD 1.x CLIP tokenizer works).
+UNet: UNet2DConditionModel with cross-attention (attn2) in every block, sample_size 16 -> 32 px images.
+Scheduler: DDPM for training (SD's scaled-linear betas, 1000 steps); DDIM saved for inference.
+"""
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+TEXT_HIDDEN = 64
+LATENT_CHANNELS = 4
+LATENT_SIZE = 16
+SCHEDULER_KW = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type="epsilon", clip_sample=False, steps_offset=1)
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, latent_channels=LATENT_CHANNELS,
+        norm_num_groups=16, sample_size=32, mid_block_add_attention=False,
+    )
+
+
+def build_text_encoder() -> CLIPTextModel:
+    cfg = CLIPTextConfig(
+        vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=TEXT_HIDDEN,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    return CLIPTextModel(cfg)
+
+
+def build_unet(channels=(64, 128), heads: int = 4) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=tuple(channels), layers_per_block=1, cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=heads, norm_num_groups=32,
+    )
+
+
+def build_train_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**SCHEDULER_KW)
+
+
+def build_inference_scheduler() -> DDIMScheduler:
+    kw = dict(SCHEDULER_KW)
+    return DDIMScheduler(**kw, set_alpha_to_one=False)
