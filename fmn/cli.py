@@ -35,7 +35,11 @@ def _default_model() -> str:
     except ImportError as e:
         raise CLIError("no --model given, and the built-in default model is not available in this install "
                        f"(fmn.toy: {e}); pass --model PATH_OR_HUB_ID") from None
-    return str(default_model_path())
+    path = Path(default_model_path())
+    if not (path / "model_index.json").is_file():
+        raise CLIError(f"no --model given, and the built-in default model is missing from this install ({path}); "
+                       "pass --model PATH_OR_HUB_ID")
+    return str(path)
 
 
 def _device(name):

@@ -661,13 +661,19 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
                     w = opts.visual_weight if opts.loss == "both" else 1.0
                     terms.append(w * F.mse_loss(x0_hat, tgt))
                 loss = torch.stack(terms).sum()
+                if need_scores:
+                    # forgetting_loss maps a NaN score sum to 0 (its "total > 0" test), so look at the sum
+                    raw = torch.stack([sc.detach().sum() for sc in rec.scores]).sum()
+                    loss_seen = loss.detach() if torch.isfinite(raw) else raw
+                else:
+                    loss_seen = loss.detach()
                 if backward:
-                    if not torch.isfinite(loss):
-                        raise ForgetError(f"the loss became {loss.item()}; nothing was written. "
+                    if not torch.isfinite(loss_seen):
+                        raise ForgetError(f"the loss became {loss_seen.item()}; nothing was written. "
                                           "Try a lower lr or precision fp32.")
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
-            return loss.item()
+            return loss_seen.item()
 
         g = torch.Generator(device="cpu").manual_seed(opts.seed + 1 + 7919 * accel.process_index)
 
