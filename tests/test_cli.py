@@ -1,0 +1,243 @@
+"""The fmn command line end to end on a tiny pipeline folder, and its refusals of bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import fmn.forget as F
+from fmn.cli import main
+from fmn.patch import load_patch
+from fmn.testing import save_tiny_pipeline
+
+FAST = ["--steps", "2", "--lr", "1e-3", "--gen-steps", "1", "--n-images", "2", "--backend", "reference", "-q"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-sd1"
+    save_tiny_pipeline(path, "sd1")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-sd1-seed1"
+    save_tiny_pipeline(path, "sd1", seed=1)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def patch_file(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("patches") / "cat.safetensors"
+    assert main(["forget", "--model", model, "--concept", "cat", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def files(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_forget_writes_a_patch(patch_file, model):
+    p = load_patch(patch_file)
+    assert p.concepts == ["cat"] and p.kind == "delta" and p.base_model == model
+    assert p.options["steps"] == 2 and p.summary["steps"] == 2
+    assert files(patch_file.parent) == ["cat.safetensors"]  # no temp files left
+
+
+def test_forget_options_reach_the_run(model, tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    rc = main(["forget", "--model", model, "--concept", "cat", "--concept", "dog", "--out", str(out),
+               "--steps", "3", "--lr", "1e-3", "--seed", "5", "--resolution", "24", "--batch-size", "2",
+               "--train", "lora", "--loss", "both", "--precision", "bf16", "--patch-dtype", "bf16",
+               "--template", "a photo of {}", "--template", "{} in a field", "--gen-steps", "1", "--n-images", "1",
+               "--backend", "reference"])
+    assert rc == 0
+    p = load_patch(out)
+    o = p.options
+    assert (o["steps"], o["lr"], o["seed"], o["resolution"], o["batch_size"], o["train"], o["loss"], o["precision"],
+            o["patch_dtype"], o["template"]) == (3, 1e-3, 5, 24, 2, "lora", "both", "bf16", "bf16",
+                                                 ["a photo of {}", "{} in a field"])
+    assert p.kind == "lora" and p.concepts == ["cat", "dog"]
+    assert all(t.dtype == torch.bfloat16 for t in p.tensors.values())
+    printed = capsys.readouterr().out
+    assert "loss" in printed and "patch" in printed and "peak memory" in printed
+
+
+def test_apply_saves_a_patched_pipeline(model, patch_file, tmp_path):
+    out = tmp_path / "patched"
+    assert main(["apply", "--model", model, "--patch", str(patch_file), "--out", str(out), "-q"]) == 0
+    from diffusers import StableDiffusionPipeline
+    base = StableDiffusionPipeline.from_pretrained(model)
+    patched = StableDiffusionPipeline.from_pretrained(str(out))
+    p = load_patch(patch_file)
+    for name, delta in p.tensors.items():
+        w0 = base.unet.get_parameter(name[5:])
+        w1 = patched.unet.get_parameter(name[5:])
+        torch.testing.assert_close(w1, w0 + delta.float(), rtol=0, atol=1e-6)
+    # the patched model is not the base any more: applying again is refused, nothing written
+    again = tmp_path / "again"
+    assert main(["apply", "--model", str(out), "--patch", str(patch_file), "--out", str(again), "-q"]) == 2
+    assert not again.exists()
+    assert files(tmp_path) == ["patched"]
+
+
+def test_generate_grid_and_compare(model, patch_file, tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--model", model, "--patch", str(patch_file), "--prompt", "a photo of cat",
+                 "--prompt", "a dog", "--n", "2", "--steps", "2", "--compare", "--out", str(out), "-q"]) == 0
+    im = Image.open(out)
+    assert im.size == (4 * 16, 2 * 16)  # 2 prompts x (2 base + 2 patched), 16 px images
+    left, right = im.crop((0, 0, 32, 32)), im.crop((32, 0, 64, 32))
+    assert left.tobytes() != right.tobytes()
+    plain = tmp_path / "plain.png"
+    assert main(["generate", "--model", model, "--prompt", "a cat", "--n", "1", "--steps", "1",
+                 "--out", str(plain), "-q"]) == 0
+    assert Image.open(plain).size == (16, 16)
+
+
+def test_info(patch_file, capsys):
+    assert main(["info", str(patch_file)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["concepts"] == ["cat"] and info["kind"] == "delta" and info["options"]["train"] == "attn2"
+
+
+def test_python_dash_m_end_to_end(model, tmp_path):
+    out = tmp_path / "m.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "fmn", "forget", "--model", model, "--concept", "cat",
+                        "--out", str(out), *FAST], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_patch(out).concepts == ["cat"]
+
+
+# ----------------------------------------------------------------------------- bad input
+def run_err(argv, capsys):
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+def test_missing_or_unreadable_model(tmp_path, capsys):
+    out = str(tmp_path / "p.safetensors")
+    rc, err = run_err(["forget", "--model", str(tmp_path / "nope"), "--concept", "cat", "--out", out, "-q"], capsys)
+    assert rc == 2 and "does not exist" in err
+    (tmp_path / "notapipe").mkdir()
+    rc, err = run_err(["forget", "--model", str(tmp_path / "notapipe"), "--concept", "cat", "--out", out, "-q"], capsys)
+    assert rc == 2 and "model_index.json" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    rc, err = run_err(["forget", "--model", str(broken), "--concept", "cat", "--out", out, "-q"], capsys)
+    assert rc == 2 and "cannot load model" in err
+    assert files(tmp_path) == ["broken", "notapipe"]
+
+
+def test_existing_output_needs_force(model, patch_file, tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    out.write_bytes(b"precious")
+    rc, err = run_err(["forget", "--model", model, "--concept", "cat", "--out", str(out), *FAST], capsys)
+    assert rc == 2 and "--force" in err and out.read_bytes() == b"precious"
+    assert main(["forget", "--model", model, "--concept", "cat", "--out", str(out), "--force", *FAST]) == 0
+    assert load_patch(out).concepts == ["cat"]
+    grid = tmp_path / "g.png"
+    grid.write_bytes(b"x")
+    rc, err = run_err(["generate", "--model", model, "--prompt", "a", "--out", str(grid), "-q"], capsys)
+    assert rc == 2 and grid.read_bytes() == b"x"
+    (tmp_path / "dir").mkdir()
+    rc, err = run_err(["apply", "--model", model, "--patch", str(patch_file), "--out", str(tmp_path / "dir"), "-q"],
+                      capsys)
+    assert rc == 2 and "--force" in err
+
+
+def test_bad_image_folders(model, tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    base = ["forget", "--model", model, "--concept", "cat", "--out", str(out), *FAST]
+    rc, err = run_err(base + ["--images", str(tmp_path / "missing")], capsys)
+    assert rc == 2 and "no such folder" in err
+    (tmp_path / "empty").mkdir()
+    rc, err = run_err(base + ["--images", str(tmp_path / "empty")], capsys)
+    assert rc == 2 and "no images" in err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"garbage")
+    rc, err = run_err(base + ["--images", str(tmp_path / "bad")], capsys)
+    assert rc == 2 and "cannot read image" in err
+    assert not out.exists()
+
+
+def test_concept_absent_and_bad_options(model, tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    rc, err = run_err(["forget", "--model", model, "--concept", "cat", "--template", "a photo of {}s",
+                       "--out", str(out), *FAST], capsys)
+    assert rc == 2 and "'cat' does not occur" in err
+    rc, err = run_err(["forget", "--model", model, "--concept", "cat", "--out", str(out), *FAST, "--steps", "0"],
+                      capsys)
+    assert rc == 2 and "steps" in err
+    assert not out.exists()
+
+
+def test_patch_for_another_model(other_model, patch_file, tmp_path, capsys):
+    rc, err = run_err(["apply", "--model", other_model, "--patch", str(patch_file), "--out", str(tmp_path / "o"),
+                       "-q"], capsys)
+    assert rc == 2 and "does not match" in err
+    rc, err = run_err(["generate", "--model", other_model, "--patch", str(patch_file), "--prompt", "a cat",
+                       "--out", str(tmp_path / "g.png"), "-q"], capsys)
+    assert rc == 2 and "does not match" in err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk")
+    rc, err = run_err(["apply", "--model", other_model, "--patch", str(junk), "--out", str(tmp_path / "o"), "-q"],
+                      capsys)
+    assert rc == 2 and "cannot read patch" in err
+    assert files(tmp_path) == ["junk.safetensors"]
+
+
+def test_nan_loss_exits_1_and_writes_nothing(model, tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    rc, err = run_err(["forget", "--model", model, "--concept", "cat", "--out", str(out), *FAST, "--lr", "1e30",
+                       "--steps", "4"], capsys)
+    assert rc == 1 and ("not finite" in err or "nan" in err), err
+    assert files(tmp_path) == []
+
+
+def test_interrupt_leaves_no_partial_patch(model, tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+    real = F._unet_call
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "_unet_call", interrupted)
+    rc, err = run_err(["forget", "--model", model, "--concept", "cat", "--out", str(tmp_path / "p.safetensors"),
+                       *FAST, "--steps", "5"], capsys)
+    assert rc == 130 and "interrupted" in err
+    assert files(tmp_path) == []
+
+
+def test_default_model_or_a_clear_error(tmp_path, capsys):
+    """Without --model: the shipped toy model, or (in a checkout without it) a clear error."""
+    from pathlib import Path
+    out = tmp_path / "p.safetensors"
+    try:
+        from fmn.toy import default_model_path
+        shipped = (Path(default_model_path()) / "model_index.json").is_file()
+    except ImportError:
+        shipped = False
+    rc, err = run_err(["forget", "--concept", "circle", "--out", str(out), *FAST], capsys)
+    if shipped:
+        assert rc == 0 and load_patch(out).concepts == ["circle"]
+    else:
+        assert rc == 2 and "default model" in err and "--model" in err
+        assert not out.exists()
