@@ -187,6 +187,15 @@ def main():
                                    feature_extractor=None, requires_safety_checker=False)
     out = Path(args.out)
     pipe.save_pretrained(out, safe_serialization=True)
+    if not args.fp32:
+        # transformers loads weights in their stored dtype unless the config names one: name fp32, so
+        # that a plain StableDiffusionPipeline.from_pretrained(path) gives an all-fp32 pipeline
+        cfg_path = out / "text_encoder" / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg:
+                cfg[key] = "float32"
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     info = {"seed": args.seed, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
             "train_seconds": round(t_total, 1), "vae_seconds": round(t_vae, 1), "threads": args.threads,
