@@ -16,8 +16,9 @@ from fmn.testing import save_tiny_pipeline
 FAST = ["--steps", "2", "--lr", "1e-3", "--gen-steps", "1", "--n-images", "2", "--backend", "reference", "-q"]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
+    """Tiny models on 2 shared cores: one intra-op thread is ~100x faster than oversubscribed ones."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -16,7 +16,7 @@ from fmn.testing import tiny_sd_pipeline
 FAST = dict(steps=2, lr=1e-3, backend="reference", progress=False, gen_steps=1)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models on 2 shared cores: one intra-op thread is ~100x faster than oversubscribed ones."""
     n = torch.get_num_threads()
@@ -149,11 +149,11 @@ def test_visual_targets_come_from_suppressed_generation(sd1, monkeypatch):
     assert not torch.allclose(calls[0][2], calls[1][2])  # zeroing the concept changes the images
 
 
-@pytest.mark.parametrize("kind", ["sd2", "sdxl"])
-def test_same_code_path_runs_on_sd2_and_sdxl(kind):
+@pytest.mark.parametrize("kind, loss", [("sd2", "attention"), ("sdxl", "attention"), ("sdxl", "both")])
+def test_same_code_path_runs_on_sd2_and_sdxl(kind, loss):
     pipe = tiny_sd_pipeline(kind)
     before = state(pipe)
-    patch = forget(pipe, ["cat", "red dog"], **{**FAST, "n_images": 1, "steps": 3})
+    patch = forget(pipe, ["cat", "red dog"], loss=loss, **{**FAST, "n_images": 1, "steps": 3})
     assert_restored(pipe, before)
     assert patch.concepts == ["cat", "red dog"] and patch.summary["n_reference"] == 2
     assert patch.summary["loss_after"] < patch.summary["loss_before"]
@@ -293,3 +293,13 @@ def test_interrupt_restores_the_pipeline(sd1, monkeypatch, train):
     with pytest.raises(KeyboardInterrupt):
         forget(pipe, "cat", images=latents(), train=train, **{**FAST, "steps": 5})
     assert_restored(pipe, before)
+
+
+def test_public_api_names(sd1):
+    """fmn.forget stays callable after the fmn.forget submodule is imported."""
+    import fmn
+    import fmn.forget  # noqa: F401  (makes the package attribute the module)
+    for _ in range(2):
+        patch = fmn.forget(copy.deepcopy(sd1), "cat", images=latents(), **{**FAST, "steps": 1})
+        assert isinstance(patch, fmn.Patch)
+    assert fmn.load_patch is not None and callable(fmn.apply)

@@ -17,7 +17,7 @@ from fmn.testing import tiny_sd_pipeline
 FAST = dict(steps=3, lr=1e-3, backend="reference", progress=False)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models on 2 shared cores: one intra-op thread is ~100x faster than oversubscribed ones."""
     n = torch.get_num_threads()
@@ -32,7 +32,6 @@ def latents(n=2, seed=0):
 
 @pytest.fixture(scope="module")
 def base():
-    torch.set_num_threads(1)
     return tiny_sd_pipeline("sd1")
 
 

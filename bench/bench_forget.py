@@ -1,0 +1,220 @@
+"""A full forgetting run (fmn.forget) on the SD 2.1-base architecture with random weights.
+
+What is timed: `fmn.forget(pipe, "cat", images=latents, steps=35, batch_size=B, ...)` on a
+StableDiffusionPipeline whose UNet has SD 2.1-base's architecture (config inline below, random
+weights, 512 px = 64x64 latents), with 10 random reference latents (the authors' 10 images,
+encoded once: the VAE is not part of the run) and a tiny 1-layer text encoder of width 1024 (the
+text is encoded once, so its size does not matter for the loop). Trainable set attn2 (the
+default) and a LoRA (rank 4); the patch is saved and its file size reported.
+
+Attention: "fused" = fmn's processor on the Triton kernels (GPU only; on a CPU the Triton
+interpreter would measure Python), "materialising" = the same processor on its PyTorch reference
+backend, which keeps every layer's N x 77 softmax map in fp32.
+
+Numbers per run: seconds for the training steps (`seconds_train`, the 35-step loop), for the whole
+call (`seconds_total`: text encoding, loss before/after, fingerprint and patch included), peak
+memory (CUDA: max_memory_allocated over the call, weights included; CPU: the resident set's
+high-water mark over the call, VmHWM after a reset through /proc/self/clear_refs), patch bytes.
+On a GPU the goal is the 35-step run under 5 s on one H100, peak memory under 8 GB, patch under
+50 MB. On a CPU one step at batch 1 (and 4 without --quick) is timed.
+
+    python bench/bench_forget.py [--quick] [--device cuda] [--out PATH.json]
+Writes bench/results/forget_<device>.json and .png (or PATH.json / PATH.png).
+"""
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, device_tag, machine_info, print_table, write_json_atomic  # noqa: E402
+
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+import fmn  # noqa: E402
+from fmn.tokenizer import clip_tokenizer  # noqa: E402
+
+# stabilityai/stable-diffusion-2-1-base unet/config.json
+SD21_BASE_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
+    freq_shift=0, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                    "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True, dual_cross_attention=False,
+)
+N_REFERENCE = 10
+RESOLUTION = 512
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_pipeline(device):
+    """SD 2.1-base UNet (random), tiny text encoder of width 1024, tiny VAE (unused: latents given)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD21_BASE_UNET)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1024, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=16,
+            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=0, hidden_act="gelu"))
+        vae = AutoencoderKL(block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
+                            up_block_types=("UpDecoderBlock2D",), layers_per_block=1, norm_num_groups=32)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(pad_token="!"),
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _vm_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def _reset_hwm():
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def run_once(pipe, device, *, backend, precision, batch, steps, train, warmup):
+    lat = torch.randn(N_REFERENCE, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    kw = dict(images=lat, steps=steps, batch_size=batch, train=train, precision=precision, resolution=RESOLUTION,
+              backend=backend, progress=False, device=str(device), base_model="sd21-base-architecture-random")
+    if warmup:  # compile / autotune the kernels for these shapes; first-touch allocations
+        fmn.forget(pipe, "cat", **{**kw, "steps": min(2, steps)})
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize(device)
+    hwm_ok = device.type == "cpu" and _reset_hwm()
+    start = time.perf_counter()
+    patch = fmn.forget(pipe, "cat", **kw)
+    wall = time.perf_counter() - start
+    s = patch.summary
+    with tempfile.TemporaryDirectory() as d:
+        path = patch.save(Path(d) / "p.safetensors")
+        size = os.path.getsize(path)
+    peak = s["peak_memory_bytes"] if device.type == "cuda" else (_vm_kib("VmHWM") * 1024 if hwm_ok else s["peak_rss_bytes"])
+    return {
+        "attention": "fused" if backend == "triton" else "materialising", "backend": backend,
+        "precision": precision, "batch": batch, "train": train, "steps": steps,
+        "seconds_train": s["seconds_train"], "seconds_per_step": s["seconds_train"] / steps,
+        "seconds_total": wall, "peak_memory_bytes": peak, "peak_memory_gib": peak / 2**30 if peak else None,
+        "patch_bytes": size, "patch_mib": size / 2**20, "n_trainable": s["n_trainable"],
+        "loss_before": s["loss_before"], "loss_after": s["loss_after"],
+    }
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [f"{r['attention']}\n{r['precision']} b{r['batch']}\n{r['train']}" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.6 * len(rows) * 1.5), 4.2))
+    for ax, key, unit, goal in ((axes[0], "seconds_train", "s (training steps)", 5.0 if rows[0]["steps"] == 35 else None),
+                                (axes[1], "peak_memory_gib", "GiB peak", 8e9 / 2**30),
+                                (axes[2], "patch_mib", "MiB patch", 50e6 / 2**20)):
+        vals = [r[key] or 0 for r in rows]
+        colors = ["tab:blue" if r["attention"] == "fused" else "tab:orange" for r in rows]
+        ax.bar(range(len(rows)), vals, color=colors)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_ylabel(unit)
+        if goal and rows[0].get("device_type") == "cuda":
+            ax.axhline(goal, color="red", ls="--", lw=1, label="goal")
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer configurations (GPU: bf16 only; CPU: batch 1)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=None, help="default 35 on a GPU, 1 on a CPU")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes next to it)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,4 on a GPU, 1 on a CPU, "
+                    "where batch 4 at 512 px needs ~12 GB of RAM and minutes per step)")
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    gpu = device.type == "cuda"
+    steps = a.steps or (35 if gpu else 1)
+    batches = [int(b) for b in a.batches.split(",")] if a.batches else ([1, 4] if gpu else [1])
+    if gpu:
+        precisions = ["bf16"] if a.quick else ["bf16", "fp32"]
+        configs = [(b, p, n, "attn2") for p in precisions for b in ("triton", "reference") for n in batches]
+        configs += [("triton", "bf16", n, "lora") for n in batches]
+    else:
+        configs = [("reference", "fp32", n, "attn2") for n in batches]
+        if not a.quick:
+            configs.append(("reference", "fp32", batches[0], "lora"))
+
+    t0 = time.perf_counter()
+    pipe = build_pipeline(device)
+    build_s = time.perf_counter() - t0
+    n_unet = sum(p.numel() for p in pipe.unet.parameters())
+    print(f"SD 2.1-base UNet, {n_unet / 1e6:.0f} M parameters, built on {device} in {build_s:.1f} s; "
+          f"{steps} step(s) per run", flush=True)
+    rows = []
+    for backend, precision, batch, train in configs:
+        dtype = DTYPES[precision]
+        if pipe.unet.dtype != dtype:
+            pipe.to(dtype=dtype)
+        try:
+            row = run_once(pipe, device, backend=backend, precision=precision, batch=batch, steps=steps, train=train,
+                           warmup=gpu)
+        except torch.cuda.OutOfMemoryError as e:  # report, go on
+            row = {"attention": backend, "precision": precision, "batch": batch, "train": train, "steps": steps,
+                   "error": f"out of memory: {str(e).splitlines()[0]}"}
+        row["device_type"] = device.type
+        rows.append(row)
+        print_table([row], ["attention", "precision", "batch", "train", "steps", "seconds_train", "seconds_per_step",
+                            "seconds_total", "peak_memory_gib", "patch_mib"])
+        sys.stdout.flush()
+
+    print()
+    print_table(rows, ["attention", "precision", "batch", "train", "steps", "seconds_train", "seconds_per_step",
+                       "seconds_total", "peak_memory_gib", "patch_mib", "loss_before", "loss_after"])
+    tag = device_tag(device) + ("_quick" if a.quick else "")
+    out = a.out or RESULTS / f"forget_{tag}.json"
+    info = machine_info()
+    try:
+        info["loadavg"] = os.getloadavg()
+    except OSError:
+        pass
+    info["torch_threads"] = torch.get_num_threads()
+    payload = {
+        "benchmark": "fmn.forget full run, SD 2.1-base architecture, random weights",
+        "machine": info,
+        "shapes": {"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in SD21_BASE_UNET.items()},
+                   "unet_parameters": n_unet, "latents": [N_REFERENCE, 4, 64, 64], "resolution": RESOLUTION,
+                   "text": [77, 1024], "text_encoder": "1-layer CLIP, width 1024 (text encoded once)"},
+        "dtype_note": "precision = autocast dtype; UNet weights cast to it, trained tensors kept in fp32",
+        "goals_gpu": {"seconds_35_steps": 5.0, "peak_memory_bytes": 8e9, "patch_bytes": 50e6},
+        "runs": rows,
+    }
+    write_json_atomic(Path(out), payload)
+    ok = [r for r in rows if "error" not in r]
+    if ok:
+        plot(ok, Path(out).with_suffix(".png"),
+             f"fmn.forget, SD 2.1-base arch., {steps} step(s), {info.get('gpu', info['processor'])}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
