@@ -13,8 +13,8 @@ _PUBLIC = {
     "forgetting_loss": "fmn.attention",
     "suppress": "fmn.attention",
     "concept_token_mask": "fmn.spans",
-    # the forgetting run and patch files (fmn/forget.py, fmn/patch.py)
-    "forget": "fmn.forget",
+    # the forgetting run and patch files (fmn/trainer.py, fmn/patch.py)
+    "forget": "fmn.trainer",
     "Patch": "fmn.patch",
     "apply": "fmn.patch",
     "load_patch": "fmn.patch",

@@ -124,7 +124,7 @@ def _grid(images, rows, cols):
 
 # ----------------------------------------------------------------------------- commands
 def cmd_forget(a):
-    from fmn.forget import ForgetOptions, format_summary, forget
+    from fmn.trainer import ForgetOptions, format_summary, forget
     _refuse_existing(a.out, a.force)
     if a.images is not None:
         images = Path(a.images)
@@ -146,7 +146,7 @@ def cmd_forget(a):
         raise CLIError(str(e)) from None
     pipe = load_pipeline(a.model, a.precision, for_training=True, device=a.device)
     patch = forget(pipe, a.concept, images, options=opts)
-    from fmn.forget import _accelerator
+    from fmn.trainer import _accelerator
     if not _accelerator().is_main_process:
         return 0
     path = patch.save(a.out, force=a.force)
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "template", "x") is None:
         args.template = ["object"]
-    from fmn.forget import ForgetError
+    from fmn.trainer import ForgetError
     from fmn.patch import PatchError
     if getattr(args, "quiet", False):
         from diffusers.utils import logging as dlog

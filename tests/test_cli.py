@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import fmn.forget as F
+import fmn.trainer as F
 from fmn.cli import main
 from fmn.patch import load_patch
 from fmn.testing import save_tiny_pipeline
@@ -16,13 +16,6 @@ from fmn.testing import save_tiny_pipeline
 FAST = ["--steps", "2", "--lr", "1e-3", "--gen-steps", "1", "--n-images", "2", "--backend", "reference", "-q"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread is ~100x faster than oversubscribed ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fmn
-from fmn.forget import forget
+from fmn.trainer import forget
 from fmn.patch import Patch, PatchError, PatchMismatchError, apply, check_fingerprint, fingerprint, load_patch
 from fmn.testing import tiny_sd_pipeline
 
 FAST = dict(steps=3, lr=1e-3, backend="reference", progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread is ~100x faster than oversubscribed ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def latents(n=2, seed=0):

@@ -27,7 +27,6 @@ import math
 import resource
 import sys
 import time
-import types
 import warnings
 import dataclasses
 import json
@@ -827,13 +826,3 @@ def format_summary(patch: Patch, path=None) -> str:
 
 __all__ = ["forget", "ForgetOptions", "ForgetError", "encode_text", "templates", "format_summary"]
 
-
-class _CallableModule(types.ModuleType):
-    """`fmn.forget` names both this module and the function: importing the submodule makes the
-    package attribute the module, so the module itself calls `forget`."""
-
-    def __call__(self, *args, **kwargs):
-        return forget(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
