@@ -265,3 +265,15 @@ def test_bad_input_names_the_argument(case, error, match):
         kwargs["backend"] = "cuda"
     with pytest.raises(error, match=match):
         cross_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_score_only_loss_gives_v_no_gradient(backend):
+    """The attention loss uses the score alone: v (hence to_v) gets no gradient on either backend,
+    so an optimiser with weight decay leaves it alone."""
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, 2, 24, 77, 64, torch.float32))
+    weights = torch.zeros(1, 77)
+    weights[:, 4] = 1
+    _, score = cross_attention(q, k, v, concept_weights=weights, backend=backend)
+    score.sum().backward()
+    assert v.grad is None and q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0

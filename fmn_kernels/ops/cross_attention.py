@@ -450,13 +450,19 @@ class ConceptAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dscore, _dlse):
         q, k, v, out, score, lse, w, keep, valid = ctx.saved_tensors
+        if dscore is None and dout is None:
+            return (None,) * 8
+        # Only the score used (the attention loss): v gets no gradient, as with autograd on the reference.
+        v_gets_grad = ctx.needs_input_grad[2] and dout is not None
         if dout is None:
             dout = torch.zeros_like(out)
         elif dout.stride(-1) != 1:
             dout = dout.contiguous()
         dq, dk, dv = _backward(q, k, v, out, score, lse, w, keep, valid, dout, dscore,
                                ctx.scale, ctx.cfg, ctx.dkdv_split)
-        return dq, dk, dv, None, None, None, None, None
+        needs = ctx.needs_input_grad
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if v_gets_grad else None,
+                None, None, None, None, None)
 
 
 def concept_attention_triton(q, k, v, scale, concept_weights=None, zero_mask=None, key_mask=None,
