@@ -259,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--inversion", action="store_true", help="concept inversion (textual inversion) first")
     f.add_argument("--inversion-steps", type=int, default=500)
     f.add_argument("--inversion-tokens", type=int, default=4)
-    f.add_argument("--patch-dtype", choices=["fp16", "bf16", "fp32", "exact"], default="fp16",
-                   help="deltas in fp16/bf16/fp32, or 'exact' trained tensors")
+    f.add_argument("--patch-dtype", choices=["fp16", "bf16", "fp32", "int8", "exact"], default="fp16",
+                   help="deltas in fp16/bf16/fp32, int8 deltas with per-row scales (half of fp16), or 'exact' trained tensors")
     f.add_argument("--gradient-checkpointing", action="store_true")
     f.add_argument("--max-grad-norm", type=float, default=None)
     f.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto",

@@ -3,7 +3,10 @@
 A patch holds only what the run changed, under diffusers state-dict names with the component
 prefix ("unet."):
 
-- kind "delta":   trained - base for every trained tensor (fp16 by default; bf16 or fp32 on request)
+- kind "delta":   trained - base for every trained tensor (fp16 by default; bf16 or fp32 on request;
+                  or int8 with one fp32 scale per output row under "<name>.delta_scale", half
+                  the size of fp16: the rounding, <= 1/254 of the row's largest change, is far
+                  below an fp16 weight's own rounding)
 - kind "replace": the trained tensors themselves, exactly, in their training dtype
 - kind "lora":    LoRA A/B matrices in the peft/diffusers key format
                   ("unet.<module>.lora_A.weight", "unet.<module>.lora_B.weight", alpha folded into B
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 
 FORMAT = "fmn.patch/1"
+SCALE_SUFFIX = ".delta_scale"
 KINDS = ("delta", "replace", "lora")
 N_SAMPLES = 16
 
@@ -160,6 +164,19 @@ def atomic_write(path, write, *, force=False, suffix=None):
     return path
 
 
+def quantize_delta(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and fp32 per-row scales (rows = first dim) with delta ~= codes * scales."""
+    rows = delta.float().reshape(delta.shape[0] if delta.dim() > 1 else 1, -1)
+    scale = (rows.abs().amax(1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = torch.round(rows / scale).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(delta.shape), scale.flatten()
+
+
+def dequantize_delta(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    rows = codes.float().reshape(scale.numel(), -1) * scale.float()[:, None]
+    return rows.reshape(codes.shape)
+
+
 @dataclass
 class Patch:
     """What a forgetting run changed. `tensors` are on the CPU, named "<component>.<param name>"."""
@@ -272,7 +289,11 @@ class Patch:
                     w.copy_((w.float() + delta).to(w.dtype))
                 return pipe
             for name, t in self.tensors.items():
+                if name.endswith(SCALE_SUFFIX):
+                    continue
                 w = get_tensor(pipe, name)
+                if t.dtype == torch.int8:
+                    t = dequantize_delta(t, self.tensors[name + SCALE_SUFFIX])
                 t = t.to(w.device)
                 if self.kind == "delta":
                     w.copy_((w.float() + t.float()).to(w.dtype))

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fmn.patch import Patch, fingerprint, restrict_fingerprint
+from fmn.patch import SCALE_SUFFIX, Patch, fingerprint, quantize_delta, restrict_fingerprint
 
 TEMPLATES = {
     "object": ["a photo of {}"],
@@ -46,7 +46,8 @@ TEMPLATES = {
 TRAIN_SETS = ("attn2", "attn2-kv", "unet", "lora")
 LOSSES = ("attention", "visual", "both")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PATCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "exact": None}
+PATCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8,
+                "exact": None}
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 
@@ -87,7 +88,7 @@ class ForgetOptions:
     inversion_weight_decay: float = 0.1
     inversion_norm: float = 0.4        # new embeddings' norm pulled towards this ...
     inversion_norm_factor: float = 0.1  # ... by this factor after each step
-    patch_dtype: str = "fp16"          # fp16 | bf16 | fp32 deltas, or "exact" replacements
+    patch_dtype: str = "fp16"          # fp16 | bf16 | fp32 | int8 deltas, or "exact" replacements
     inplace: bool = False              # leave the trained weights in the pipeline
     offload: bool = True               # text encoders and VAE to the CPU during training (CUDA only)
     device: str | None = None          # None: accelerate's device
@@ -746,8 +747,14 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
                 trained = p.detach().float().cpu()
                 if torch.equal(trained, saved[n].float()):
                     continue  # unchanged (no gradient reached it): not part of the patch
-                tensors["unet." + n] = trained if out_dtype is None else (trained - saved[n].float()).to(out_dtype)
-            touched = set(tensors)
+                if out_dtype is None:
+                    tensors["unet." + n] = trained
+                elif out_dtype == torch.int8:
+                    codes, scale = quantize_delta(trained - saved[n].float())
+                    tensors["unet." + n], tensors["unet." + n + SCALE_SUFFIX] = codes, scale
+                else:
+                    tensors["unet." + n] = (trained - saved[n].float()).to(out_dtype)
+            touched = {k for k in tensors if not k.endswith(SCALE_SUFFIX)}
         if not tensors:
             raise ForgetError("no weight changed during the run (no gradient reached the trainable set?); "
                               "nothing was written")

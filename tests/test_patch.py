@@ -69,6 +69,26 @@ def test_delta_round_trip_within_fp16_rounding(base, tmp_path):
     assert changed > 0
 
 
+def test_int8_delta_round_trip_within_half_a_step(base, tmp_path):
+    pipe, patch = trained(base, patch_dtype="int8")
+    fp16_size = trained(base)[1].nbytes
+    assert patch.kind == "delta" and patch.nbytes < 0.6 * fp16_size
+    target = apply(copy.deepcopy(base), patch.save(tmp_path / "p.safetensors"))
+    want, got, b = unet_params(pipe), unet_params(target), unet_params(base)
+    for name in want:
+        if "unet." + name not in patch.tensors:
+            assert torch.equal(got[name], b[name]), f"{name} is not in the patch but changed"
+            continue
+        assert patch.tensors["unet." + name].dtype == torch.int8
+        d = want[name] - b[name]
+        rows = d.reshape(d.shape[0] if d.dim() > 1 else 1, -1)
+        # half an int8 step of the row's scale (max |delta| / 127), plus fp32 rounding of w + delta
+        half_step = (rows.abs().amax(1, keepdim=True) / 254).expand_as(rows).reshape(d.shape)
+        bound = half_step * (1 + 1e-5) + 2.0 ** -23 * (want[name].abs() + d.abs())
+        err = (got[name] - want[name]).abs()
+        assert (err <= bound).all(), f"{name}: max excess {(err - bound).max().item():.3g}"
+
+
 def test_exact_patch_reproduces_trained_weights_bitwise(base, tmp_path):
     pipe, patch = trained(base, patch_dtype="exact")
     assert patch.kind == "replace"
