@@ -22,6 +22,7 @@ On a GPU the goal is the 35-step run under 5 s on one H100, peak memory under 8 
 Writes bench/results/forget_<device>.json and .png (or PATH.json / PATH.png).
 """
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -39,6 +40,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 import fmn  # noqa: E402
 from fmn.tokenizer import clip_tokenizer  # noqa: E402
+from fmn.patch import SCALE_SUFFIX, quantize_delta  # noqa: E402
 
 # stabilityai/stable-diffusion-2-1-base unet/config.json
 SD21_BASE_UNET = dict(
@@ -105,15 +107,21 @@ def run_once(pipe, device, *, backend, precision, batch, steps, train, warmup):
     wall = time.perf_counter() - start
     s = patch.summary
     with tempfile.TemporaryDirectory() as d:
-        path = patch.save(Path(d) / "p.safetensors")
-        size = os.path.getsize(path)
+        size = os.path.getsize(patch.save(Path(d) / "p.safetensors"))
+        size_int8 = None
+        if patch.kind == "delta":  # the same run's patch with --patch-dtype int8
+            int8 = {}
+            for name, delta in patch.tensors.items():
+                int8[name], int8[name + SCALE_SUFFIX] = quantize_delta(delta)
+            size_int8 = os.path.getsize(dataclasses.replace(patch, tensors=int8).save(Path(d) / "p8.safetensors"))
     peak = s["peak_memory_bytes"] if device.type == "cuda" else (_vm_kib("VmHWM") * 1024 if hwm_ok else s["peak_rss_bytes"])
     return {
         "attention": "fused" if backend == "triton" else "materialising", "backend": backend,
         "precision": precision, "batch": batch, "train": train, "steps": steps,
         "seconds_train": s["seconds_train"], "seconds_per_step": s["seconds_train"] / steps,
         "seconds_total": wall, "peak_memory_bytes": peak, "peak_memory_gib": peak / 2**30 if peak else None,
-        "patch_bytes": size, "patch_mib": size / 2**20, "n_trainable": s["n_trainable"],
+        "patch_bytes": size, "patch_mib": size / 2**20, "patch_int8_bytes": size_int8,
+        "n_trainable": s["n_trainable"],
         "loss_before": s["loss_before"], "loss_after": s["loss_after"],
     }
 
