@@ -1,0 +1,16 @@
+"""The ESD-x baseline: trains only attn2, with a loss that can fall."""
+import torch
+
+from fmn.baselines import esd
+from fmn.testing import tiny_sd_pipeline
+
+
+def test_esd_trains_attn2_only_and_its_loss_falls():
+    pipe = tiny_sd_pipeline("sd1")
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    losses = esd(pipe, ["cat"], latents, steps=12, lr=3e-3, batch_size=2)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3])
+    changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".attn2." in n for n in changed)
