@@ -208,10 +208,10 @@ def forgetting_loss(scores) -> torch.Tensor:
         raise ValueError("scores is empty: no cross-attention layer ran with concept weights "
                          "(call the UNet inside fmn.concept_scores)")
     total = torch.stack([s.float().sum() for s in scores]).sum()
-    positive = total > 0
-    # sqrt's gradient at 0 is inf; route 0 through a constant branch instead.
-    return torch.where(positive, torch.where(positive, total, torch.ones_like(total)).sqrt(),
-                       torch.zeros_like(total))
+    # sqrt's gradient at 0 is inf; route 0 through a constant branch instead. NaN stays NaN, so a
+    # broken score surfaces in the loss rather than reading as "already forgotten".
+    zero = total == 0
+    return torch.where(zero, torch.zeros_like(total), torch.where(zero, torch.ones_like(total), total).sqrt())
 
 
 def _unet_of(unet_or_pipe):

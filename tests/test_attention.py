@@ -375,3 +375,12 @@ def test_auto_backend(unets):
     expected_loss = run_materialising(unet, inputs, concept_mask=mask)[1].loss()
     assert (got.detach() - expected).abs().max() <= 1e-4
     torch.testing.assert_close(loss.detach(), expected_loss.detach(), rtol=1e-4, atol=0)
+
+
+def test_forgetting_loss_keeps_nan_and_is_zero_at_zero():
+    assert torch.isnan(fmn.forgetting_loss([torch.tensor([1.0, float("nan")])]))
+    zero = torch.zeros(3, requires_grad=True)
+    loss = fmn.forgetting_loss([zero])
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(zero.grad, torch.zeros(3))
+    torch.testing.assert_close(fmn.forgetting_loss([torch.tensor([4.0]), torch.tensor([5.0])]), torch.tensor(3.0))
