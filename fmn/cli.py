@@ -126,6 +126,8 @@ def _grid(images, rows, cols):
 def cmd_forget(a):
     from fmn.trainer import ForgetOptions, format_summary, forget
     _refuse_existing(a.out, a.force)
+    if a.grid:
+        _refuse_existing(a.grid, a.force)
     if a.images is not None:
         images = Path(a.images)
         if not images.is_dir():
@@ -152,7 +154,26 @@ def cmd_forget(a):
     path = patch.save(a.out, force=a.force)
     if not a.quiet:
         print(format_summary(patch, path))
+    if a.grid:
+        from fmn.patch import atomic_write
+        from fmn.trainer import templates
+        prompts = a.grid_prompt or [templates(template)[0].format(c) for c in a.concept] + _retain_prompts(a)
+        pipe.set_progress_bar_config(disable=True)
+        grid = _compare_grid(pipe, patch, prompts, 4, a.grid_steps, a.grid_guidance_scale, a.seed, a.resolution)
+        atomic_write(a.grid, lambda tmp: grid.save(tmp, format="PNG"), force=a.force)
+        if not a.quiet:
+            print(f"grid          {a.grid}: rows {prompts}, 4 seeds base | 4 seeds patched")
     return 0
+
+
+def _retain_prompts(a) -> list:
+    """For the built-in toy model: prompts the forgetting should leave alone, for the grid."""
+    if a.model is not None:
+        return []
+    from fmn.toy import SHAPES
+    concepts = {c.lower() for c in a.concept}
+    others = [s for s in SHAPES if s not in concepts and not any(s in c for c in concepts)]
+    return [f"a blue {others[0]}", f"a yellow {others[1]}"] if len(others) >= 2 else []
 
 
 def cmd_apply(a):
@@ -167,8 +188,30 @@ def cmd_apply(a):
     return 0
 
 
-def cmd_generate(a):
+def _images(pipe, prompts, n, steps, guidance_scale, seed, resolution):
+    """n images per prompt, image i of every prompt from seed + i."""
     import torch
+    kw = {"height": resolution, "width": resolution} if resolution else {}
+    images = []
+    for prompt in prompts:
+        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+        images += pipe(prompt=[prompt] * n, num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=gens, **kw).images
+    return images
+
+
+def _compare_grid(pipe, patch, prompts, n, steps, guidance_scale, seed, resolution):
+    """One row per prompt: n base images, then the same seeds with the patch applied (pipe is patched)."""
+    base = _images(pipe, prompts, n, steps, guidance_scale, seed, resolution)
+    patch.apply(pipe)
+    patched = _images(pipe, prompts, n, steps, guidance_scale, seed, resolution)
+    rows = []
+    for r in range(len(prompts)):
+        rows += base[r * n:(r + 1) * n] + patched[r * n:(r + 1) * n]
+    return _grid(rows, len(prompts), 2 * n)
+
+
+def cmd_generate(a):
     from fmn.patch import atomic_write, load_patch
     _refuse_existing(a.out, a.force)
     if a.compare and not a.patch:
@@ -179,29 +222,13 @@ def cmd_generate(a):
         patch.check(pipe)
     if a.quiet:
         pipe.set_progress_bar_config(disable=True)
-    kw = {}
-    if a.resolution:
-        kw.update(height=a.resolution, width=a.resolution)
-
-    def run():
-        images = []
-        for prompt in a.prompt:
-            gens = [torch.Generator("cpu").manual_seed(a.seed + i) for i in range(a.n)]
-            images += pipe(prompt=[prompt] * a.n, num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-                           generator=gens, **kw).images
-        return images
-
-    base = run() if (patch is None or a.compare) else None
-    if patch is not None:
-        patch.apply(pipe)
-        patched = run()
+    args = (a.n, a.steps, a.guidance_scale, a.seed, a.resolution)
     if a.compare:
-        rows = []
-        for r in range(len(a.prompt)):
-            rows += base[r * a.n:(r + 1) * a.n] + patched[r * a.n:(r + 1) * a.n]
-        grid = _grid(rows, len(a.prompt), 2 * a.n)
+        grid = _compare_grid(pipe, patch, a.prompt, *args)
     else:
-        grid = _grid(patched if patch is not None else base, len(a.prompt), a.n)
+        if patch is not None:
+            patch.apply(pipe)
+        grid = _grid(_images(pipe, a.prompt, *args), len(a.prompt), a.n)
     atomic_write(a.out, lambda tmp: grid.save(tmp, format="PNG"), force=a.force)
     if not a.quiet:
         print(f"wrote {a.out} ({len(a.prompt)} prompts x {a.n} images"
@@ -241,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--images", default=None,
                    help="folder of reference images (or one subfolder per concept); default: generated")
     f.add_argument("--out", required=True, help="patch file to write (.safetensors)")
+    f.add_argument("--grid", default=None, help="also write a PNG of base | patched images (concept prompts, "
+                   "plus prompts to keep on the built-in model)")
+    f.add_argument("--grid-prompt", action="append", default=None, help="a prompt for --grid (repeat)")
+    f.add_argument("--grid-steps", type=int, default=30, help="inference steps for --grid")
+    f.add_argument("--grid-guidance-scale", type=float, default=7.5)
     f.add_argument("--steps", type=int, default=35)
     f.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-6; 1e-4 for --train lora)")
     f.add_argument("--seed", type=int, default=0)

@@ -101,6 +101,19 @@ def test_generate_grid_and_compare(model, patch_file, tmp_path):
     assert Image.open(plain).size == (16, 16)
 
 
+def test_forget_writes_a_before_after_grid(model, tmp_path):
+    out, grid = tmp_path / "p.safetensors", tmp_path / "grid.png"
+    assert main(["forget", "--model", model, "--concept", "cat", "--out", str(out), "--grid", str(grid),
+                 "--grid-prompt", "a photo of cat", "--grid-prompt", "a dog", "--grid-steps", "2", *FAST]) == 0
+    im = Image.open(grid)
+    assert im.size == (8 * 16, 2 * 16)  # 2 prompts x (4 base + 4 patched)
+    assert im.crop((0, 0, 64, 16)).tobytes() != im.crop((64, 0, 128, 16)).tobytes()
+    # an existing grid is refused before any training, and nothing is written
+    out2 = tmp_path / "p2.safetensors"
+    assert main(["forget", "--model", model, "--concept", "cat", "--out", str(out2), "--grid", str(grid), *FAST]) == 2
+    assert not out2.exists()
+
+
 def test_info(patch_file, capsys):
     assert main(["info", str(patch_file)]) == 0
     info = json.loads(capsys.readouterr().out)
