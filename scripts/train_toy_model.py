@@ -101,12 +101,14 @@ def main():
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--vae-pool", type=int, default=4000)
     ap.add_argument("--kl-weight", type=float, default=1e-3)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=8e-4)
     ap.add_argument("--pool", type=int, default=16000)
-    ap.add_argument("--channels", type=int, nargs=2, default=(32, 64))
+    ap.add_argument("--channels", type=int, nargs=2, default=(64, 128))
     ap.add_argument("--uncond-prob", type=float, default=0.1)
+    ap.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0: off)")
+    ap.add_argument("--vae-from", default=None, help="reuse the VAE of a pipeline folder trained with the same seed")
     ap.add_argument("--fp32", action="store_true", help="store fp32 weights (default: fp16)")
     args = ap.parse_args()
 
@@ -115,8 +117,19 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     tok = clip_tokenizer(pad_token="<|endoftext|>")
 
-    vae = train_vae(args, t0, gen)
+    if args.vae_from:
+        # the VAE of an earlier run with the same --seed and VAE options: stage 1 is deterministic,
+        # and stage 2 draws from its own generator, so the result equals a full run
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", torch_dtype=torch.float32).eval()
+        vae.register_to_config(scaling_factor=1.0)
+        log(t0, f"VAE loaded from {args.vae_from}")
+    else:
+        vae = train_vae(args, t0, gen)
+        if not args.fp32:  # the VAE ships in fp16: train the UNet on the latents of those very weights
+            vae = vae.half().float()
     t_vae = time.time() - t0
+    gen = torch.Generator().manual_seed(args.seed + 5)
 
     x, shapes, colors = make_pool(args.seed + 2, args.pool)
     log(t0, f"pool of {len(x)} images made")
@@ -167,7 +180,12 @@ def main():
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         emb = te(ids)[0]
         pred = unet(zt, t, emb).sample
-        loss = F.mse_loss(pred, noise)
+        if args.min_snr > 0:
+            snr = a.view(-1) / (1 - a.view(-1))
+            w = torch.clamp(snr, max=args.min_snr) / snr
+            loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        else:
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

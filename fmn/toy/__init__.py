@@ -28,12 +28,17 @@ def default_model_path() -> str:
 
 def load_default_pipeline(device="cpu", dtype=None, path: str | None = None):
     """The shipped toy StableDiffusionPipeline in fp32 (weights are stored in fp16), progress bars off."""
+    import warnings
+
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path or default_model_path(), torch_dtype=dtype or torch.float32,
-                                                   local_files_only=True, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
+    with warnings.catch_warnings():  # newer diffusers call it `dtype`; older ones know only `torch_dtype`
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = StableDiffusionPipeline.from_pretrained(path or default_model_path(),
+                                                       torch_dtype=dtype or torch.float32, local_files_only=True,
+                                                       safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
