@@ -338,8 +338,10 @@ def suppress(pipe, concepts, *, include_eos=False, backend="auto"):
     relying on diffusers' [negative, positive] concatenation. SDXL's two tokenizers give the
     same positions for the same text; a different `prompt_2` adds its own matches.
 
-    The pipeline must be called with `prompt` text, not only `prompt_embeds`. A concept absent
-    from a prompt is a ValueError. Nested `suppress` calls do not combine: the innermost wins.
+    The pipeline must be called with `prompt` text, not only `prompt_embeds`. Prompts without the
+    concepts are generated as they are; a call in which no prompt holds any of the concepts is a
+    ValueError (most likely a misspelt concept). Nested `suppress` calls do not combine: the
+    innermost wins.
     """
     if not callable(getattr(pipe, "encode_prompt", None)) or getattr(pipe, "tokenizer", None) is None:
         raise TypeError(f"pipe must be a diffusers pipeline with encode_prompt and a tokenizer, "
@@ -360,7 +362,10 @@ def suppress(pipe, concepts, *, include_eos=False, backend="auto"):
                 raise ValueError("fmn.suppress needs the prompt text to find the concept tokens; "
                                  "the pipeline was called with prompt=None (prompt_embeds only?)")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            mask = concept_token_mask(pipe.tokenizer, prompts, concepts, include_eos=include_eos)
+            # A batch may mix prompts with and without the concepts; none at all is most likely a typo.
+            mask = concept_token_mask(pipe.tokenizer, prompts, concepts, include_eos=include_eos, missing="ignore")
+            if not concept_token_mask(pipe.tokenizer, prompts, concepts, missing="ignore").any():
+                raise ValueError(f"fmn.suppress: the concepts {list(concepts)} occur in none of the prompts {prompts}")
             prompt_2 = given.get("prompt_2")
             if prompt_2 is not None and getattr(pipe, "tokenizer_2", None) is not None:
                 prompts_2 = [prompt_2] if isinstance(prompt_2, str) else list(prompt_2)

@@ -353,6 +353,18 @@ def test_suppress_errors_and_single_prompt(pipes):
             pass
 
 
+def test_suppress_mixed_batch_zeroes_only_prompts_with_the_concept(pipes):
+    pipe = pipes["sd1"]
+    prompts = ["a photo of a cat", "a photo of a dog"]
+    kw = dict(num_inference_steps=2, output_type="latent", guidance_scale=1.0)
+    seeds = lambda: [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]  # noqa: E731
+    plain = pipe(prompt=prompts, generator=seeds(), **kw).images
+    with fmn.suppress(pipe, "cat", backend=REF):
+        suppressed = pipe(prompt=prompts, generator=seeds(), **kw).images
+    assert not torch.allclose(suppressed[0], plain[0])
+    torch.testing.assert_close(suppressed[1], plain[1], rtol=1e-5, atol=1e-6)
+
+
 def test_concept_token_mask_feeds_concept_scores_in_a_guidance_batch(pipes):
     """The trainer's path: spans -> with_guidance -> concept_scores; unconditional rows score 0."""
     pipe = pipes["sd1"]
