@@ -134,16 +134,24 @@ def cmd_forget(a):
             raise CLIError(f"--images {a.images}: {'no such folder' if not images.exists() else 'not a folder'}")
     else:
         images = None
-    template = a.template if len(a.template) > 1 or a.template[0] not in ("object", "style") else a.template[0]
+    template = a.template
+    if template is not None and len(template) == 1 and template[0] in ("object", "style"):
+        template = template[0]
+    given = dict(
+        steps=a.steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed, resolution=a.resolution,
+        train=a.train, loss=a.loss, visual_weight=a.visual_weight, template=template, n_images=a.n_images,
+        gen_steps=a.gen_steps, include_eos=a.include_eos, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
+        precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, backend=a.backend,
+        inversion=a.inversion, inversion_steps=a.inversion_steps, inversion_tokens=a.inversion_tokens,
+        patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
+        progress=not a.quiet, base_model=a.model or "fmn-toy")
+    if a.model is None:  # the built-in toy model has its own tuned defaults (fmn/toy/defaults.py)
+        from fmn.toy.defaults import forget_defaults
+        for key, value in forget_defaults().items():
+            if given.get(key) is None and not (key == "lr" and a.train == "lora"):
+                given[key] = value
     try:
-        opts = ForgetOptions(
-            steps=a.steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed, resolution=a.resolution,
-            train=a.train, loss=a.loss, visual_weight=a.visual_weight, template=template, n_images=a.n_images,
-            gen_steps=a.gen_steps, include_eos=a.include_eos, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
-            precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, backend=a.backend,
-            inversion=a.inversion, inversion_steps=a.inversion_steps, inversion_tokens=a.inversion_tokens,
-            patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
-            progress=not a.quiet, base_model=a.model or "fmn-toy")
+        opts = ForgetOptions(**{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         raise CLIError(str(e)) from None
     pipe = load_pipeline(a.model, a.precision, for_training=True, device=a.device)
@@ -157,7 +165,7 @@ def cmd_forget(a):
     if a.grid:
         from fmn.patch import atomic_write
         from fmn.trainer import templates
-        prompts = a.grid_prompt or [templates(template)[0].format(c) for c in a.concept] + _retain_prompts(a)
+        prompts = a.grid_prompt or [templates(opts.template)[0].format(c) for c in a.concept] + _retain_prompts(a)
         pipe.set_progress_bar_config(disable=True)
         grid = _compare_grid(pipe, patch, prompts, 4, a.grid_steps, a.grid_guidance_scale, a.seed, a.resolution)
         atomic_write(a.grid, lambda tmp: grid.save(tmp, format="PNG"), force=a.force)
@@ -273,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--grid-prompt", action="append", default=None, help="a prompt for --grid (repeat)")
     f.add_argument("--grid-steps", type=int, default=30, help="inference steps for --grid")
     f.add_argument("--grid-guidance-scale", type=float, default=7.5)
-    f.add_argument("--steps", type=int, default=35)
+    f.add_argument("--steps", type=int, default=None, help="optimiser steps (default 35)")
     f.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-6; 1e-4 for --train lora)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--resolution", type=int, default=None, help="default: from the model's config")
@@ -284,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--template", action="append", default=None,
                    help="'object' (default), 'style', or a custom template with {} (repeat for several)")
     f.add_argument("--n-images", type=int, default=None, help="images generated per concept (default 10; 4 on tiny models)")
-    f.add_argument("--gen-steps", type=int, default=30, help="inference steps for generated images")
+    f.add_argument("--gen-steps", type=int, default=None, help="inference steps for generated images (default 30)")
     f.add_argument("--include-eos", action="store_true", help="also mark end-of-text slots (authors' use_pooler)")
     f.add_argument("--lora-rank", type=int, default=4)
     f.add_argument("--lora-alpha", type=float, default=None)

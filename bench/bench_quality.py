@@ -1,0 +1,119 @@
+"""Forgetting quality on the built-in toy model: fmn vs baselines, UnlearnCanvas-style metrics.
+
+For each forgetting task (one shape, two shapes at once, one colour) and each method, generate the
+5 shapes x 5 colours prompt set ("a {colour} {shape}") with fixed seeds, classify every image with the
+shipped classifier, and report:
+  UA   unlearning accuracy: images from prompts naming a forgotten concept that do not show it
+  IRA  in-domain retain accuracy (other shapes, or other colours, still right), also relative to base
+  CRA  cross-domain retain accuracy (the other attribute still right, on all prompts), also relative
+  time seconds spent making the method's model (training), and generating the evaluation images
+Methods: the base model; a negative prompt; fmn.suppress (attention zeroed, no training); ESD-x
+(negative-guidance fine-tune of attn2, same steps and reference images); fmn forget with each loss
+(attention, visual, both) and trainable set (attn2, attn2-kv, unet, lora).
+Writes bench/results/quality_cpu.json, a table, and quality_<task>.png grids (base | each method).
+
+    python bench/bench_quality.py [--quick] [--seeds 4] [--tasks circle circle+square red]
+"""
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine_info, print_table, write_json_atomic  # noqa: E402
+
+import fmn  # noqa: E402
+from fmn.baselines import esd  # noqa: E402
+from fmn.toy import evaluate, load_classifier, load_default_pipeline, prompt_set, relative_to, save_grid  # noqa: E402
+from fmn.toy import forget_defaults  # noqa: E402
+
+FMN_VARIANTS = [("attention", "attn2"), ("attention", "attn2-kv"), ("attention", "unet"), ("attention", "lora"),
+                ("visual", "attn2"), ("both", "attn2")]
+
+
+def methods(quick):
+    names = ["base", "negative prompt", "suppress", "esd-x"]
+    variants = FMN_VARIANTS[:1] if quick else FMN_VARIANTS
+    return names + [f"fmn {loss} / {train}" for loss, train in variants]
+
+
+def make_model(name, base, concepts, opts):
+    """(pipeline to evaluate, extra evaluate() kwargs, context manager, training seconds)."""
+    from contextlib import nullcontext
+    if name == "base":
+        return base, {}, nullcontext(), 0.0
+    if name == "negative prompt":
+        return base, {"negative_prompt": ", ".join(concepts)}, nullcontext(), 0.0
+    if name == "suppress":
+        return base, {}, fmn.suppress(base, concepts), 0.0
+    pipe = copy.deepcopy(base)
+    start = time.perf_counter()
+    if name == "esd-x":
+        prompts = [opts["template"][0].format(c) for c in concepts]
+        gens = [torch.Generator().manual_seed(s) for s in range(opts["n_images"]) for _ in prompts]
+        latents = pipe(prompt=prompts * opts["n_images"], generator=gens, output_type="latent",
+                       num_inference_steps=opts["gen_steps"]).images
+        esd(pipe, concepts, latents, prompts=prompts, steps=opts["steps"], lr=opts["esd_lr"], train="attn2")
+    else:
+        loss, train = name.removeprefix("fmn ").split(" / ")
+        kw = {k: v for k, v in opts.items() if k not in ("esd_lr", "lora_lr")}
+        if train == "lora":
+            kw["lr"] = opts["lora_lr"]
+        fmn.forget(pipe, concepts, loss=loss, train=train, inplace=True, progress=False, **kw)
+    return pipe, {}, nullcontext(), time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 seeds, one task, fmn default only")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default 4; 2 with --quick)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="e.g. circle circle+square red")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quality_cpu.json")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    seeds = list(range(args.seeds or (2 if args.quick else 4)))
+    tasks = [t.split("+") for t in (args.tasks or (["circle"] if args.quick else ["circle", "circle+square", "red"]))]
+    base = load_default_pipeline()
+    classifier = load_classifier()
+    opts = forget_defaults()
+    rows, grids = [], {}
+    for concepts in tasks:
+        task = "+".join(concepts)
+        base_metrics = None
+        panels = {}
+        for name in methods(args.quick):
+            torch.manual_seed(0)
+            pipe, eval_kw, context, train_s = make_model(name, base, concepts, opts)
+            with context:
+                m = evaluate(pipe, forgotten=concepts, seeds=seeds, classifier=classifier, return_images=True,
+                             **eval_kw)
+            if name == "base":
+                base_metrics = m
+            rel = relative_to(m, base_metrics)
+            rows.append({"task": task, "method": name, "UA": m["ua"], "IRA": m["in_domain_retain"],
+                         "CRA": m["cross_domain_retain"], "IRA_rel": rel.get("in_domain_retain_rel"),
+                         "CRA_rel": rel.get("cross_domain_retain_rel"), "train_s": train_s,
+                         "eval_s": m["seconds"], "n_images": m["n_images"],
+                         "per_concept": m["per_concept"]})
+            print_table(rows[-1:], ["task", "method", "UA", "IRA", "CRA", "IRA_rel", "CRA_rel", "train_s", "eval_s"])
+            first_seed = [i for i, _ in enumerate(m["specs"]) if i % len(seeds) == 0]
+            panels[name] = m["images"][first_seed]
+        grids[task] = args.out.parent / f"quality_{task}.png"
+        save_grid(grids[task], panels)
+    print()
+    print_table(rows, ["task", "method", "UA", "IRA", "CRA", "IRA_rel", "CRA_rel", "train_s", "eval_s"])
+    write_json_atomic(args.out, {
+        "benchmark": "forgetting quality on the built-in toy model", "machine": machine_info(),
+        "prompts": [p.prompt for p in prompt_set()], "seeds": seeds, "forget_options": opts,
+        "metrics": "UA = share of images from prompts naming a forgotten concept that do not show it; IRA = the "
+                   "forgotten concepts' domain still right on prompts naming none of them; CRA = the other domain "
+                   "still right on all prompts; *_rel = divided by the base model's value",
+        "rows": rows, "grids": {k: str(v.name) for k, v in grids.items()}})
+    print(f"wrote {args.out} and {', '.join(str(g) for g in grids.values())}")
+
+
+if __name__ == "__main__":
+    main()
