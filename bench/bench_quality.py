@@ -28,7 +28,7 @@ from common import RESULTS, machine_info, print_table, write_json_atomic  # noqa
 import fmn  # noqa: E402
 from fmn.baselines import esd  # noqa: E402
 from fmn.toy import evaluate, load_classifier, load_default_pipeline, prompt_set, relative_to, save_grid  # noqa: E402
-from fmn.toy import forget_defaults  # noqa: E402
+from fmn.toy.defaults import forget_defaults  # noqa: E402
 
 FMN_VARIANTS = [("attention", "attn2"), ("attention", "attn2-kv"), ("attention", "unet"), ("attention", "lora"),
                 ("visual", "attn2"), ("both", "attn2")]
@@ -40,7 +40,7 @@ def methods(quick):
     return names + [f"fmn {loss} / {train}" for loss, train in variants]
 
 
-def make_model(name, base, concepts, opts):
+def make_model(name, base, concepts, opts, esd_lr, lora_lr):
     """(pipeline to evaluate, extra evaluate() kwargs, context manager, training seconds)."""
     from contextlib import nullcontext
     if name == "base":
@@ -56,12 +56,10 @@ def make_model(name, base, concepts, opts):
         gens = [torch.Generator().manual_seed(s) for s in range(opts["n_images"]) for _ in prompts]
         latents = pipe(prompt=prompts * opts["n_images"], generator=gens, output_type="latent",
                        num_inference_steps=opts["gen_steps"]).images
-        esd(pipe, concepts, latents, prompts=prompts, steps=opts["steps"], lr=opts["esd_lr"], train="attn2")
+        esd(pipe, concepts, latents, prompts=prompts, steps=opts["steps"], lr=esd_lr, train="attn2")
     else:
         loss, train = name.removeprefix("fmn ").split(" / ")
-        kw = {k: v for k, v in opts.items() if k not in ("esd_lr", "lora_lr")}
-        if train == "lora":
-            kw["lr"] = opts["lora_lr"]
+        kw = dict(opts, lr=lora_lr) if train == "lora" else dict(opts)
         fmn.forget(pipe, concepts, loss=loss, train=train, inplace=True, progress=False, **kw)
     return pipe, {}, nullcontext(), time.perf_counter() - start
 
@@ -71,6 +69,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="2 seeds, one task, fmn default only")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default 4; 2 with --quick)")
     parser.add_argument("--tasks", nargs="+", default=None, help="e.g. circle circle+square red")
+    parser.add_argument("--esd-lr", type=float, default=1e-4, help="ESD-x learning rate (its paper: 1e-5 on SD)")
+    parser.add_argument("--lora-lr", type=float, default=1e-2, help="learning rate of the fmn LoRA variant")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality_cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -86,7 +86,7 @@ def main():
         panels = {}
         for name in methods(args.quick):
             torch.manual_seed(0)
-            pipe, eval_kw, context, train_s = make_model(name, base, concepts, opts)
+            pipe, eval_kw, context, train_s = make_model(name, base, concepts, opts, args.esd_lr, args.lora_lr)
             with context:
                 m = evaluate(pipe, forgotten=concepts, seeds=seeds, classifier=classifier, return_images=True,
                              **eval_kw)
@@ -108,6 +108,7 @@ def main():
     write_json_atomic(args.out, {
         "benchmark": "forgetting quality on the built-in toy model", "machine": machine_info(),
         "prompts": [p.prompt for p in prompt_set()], "seeds": seeds, "forget_options": opts,
+        "esd_lr": args.esd_lr, "lora_lr": args.lora_lr,
         "metrics": "UA = share of images from prompts naming a forgotten concept that do not show it; IRA = the "
                    "forgotten concepts' domain still right on prompts naming none of them; CRA = the other domain "
                    "still right on all prompts; *_rel = divided by the base model's value",
