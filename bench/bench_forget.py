@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, device_tag, machine_info, print_table, write_json_atomic  # noqa: E402
+from common import RESULTS, SD21_BASE_UNET, device_tag, machine_info, print_table, write_json_atomic  # noqa: E402
 
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
@@ -42,16 +42,6 @@ import fmn  # noqa: E402
 from fmn.tokenizer import clip_tokenizer  # noqa: E402
 from fmn.patch import SCALE_SUFFIX, quantize_delta  # noqa: E402
 
-# stabilityai/stable-diffusion-2-1-base unet/config.json
-SD21_BASE_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
-    freq_shift=0, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                    "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-    use_linear_projection=True, dual_cross_attention=False,
-)
 N_REFERENCE = 10
 RESOLUTION = 512
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -69,14 +69,15 @@ def main():
     parser.add_argument("--quick", action="store_true", help="2 seeds, one task, fmn default only")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default 4; 2 with --quick)")
     parser.add_argument("--tasks", nargs="+", default=None, help="e.g. circle circle+square red")
+    parser.add_argument("--model", default=None, help="toy pipeline folder (default: the shipped one)")
     parser.add_argument("--esd-lr", type=float, default=1e-4, help="ESD-x learning rate (its paper: 1e-5 on SD)")
     parser.add_argument("--lora-lr", type=float, default=1e-2, help="learning rate of the fmn LoRA variant")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality_cpu.json")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(1)  # the toy model is tiny: one thread beats two oversubscribed ones
     seeds = list(range(args.seeds or (2 if args.quick else 4)))
     tasks = [t.split("+") for t in (args.tasks or (["circle"] if args.quick else ["circle", "circle+square", "red"]))]
-    base = load_default_pipeline()
+    base = load_default_pipeline(path=args.model)
     classifier = load_classifier()
     opts = forget_defaults()
     rows, grids = [], {}
