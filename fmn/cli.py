@@ -167,7 +167,9 @@ def cmd_forget(a):
         from fmn.trainer import templates
         prompts = a.grid_prompt or [templates(opts.template)[0].format(c) for c in a.concept] + _retain_prompts(a)
         pipe.set_progress_bar_config(disable=True)
-        grid = _compare_grid(pipe, patch, prompts, 4, a.grid_steps, a.grid_guidance_scale, a.seed, a.resolution)
+        steps = a.grid_steps or opts.gen_steps
+        guidance = a.grid_guidance_scale or opts.guidance_scale
+        grid = _compare_grid(pipe, patch, prompts, 4, steps, guidance, a.seed, a.resolution)
         atomic_write(a.grid, lambda tmp: grid.save(tmp, format="PNG"), force=a.force)
         if not a.quiet:
             print(f"grid          {a.grid}: rows {prompts}, 4 seeds base | 4 seeds patched")
@@ -279,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--grid", default=None, help="also write a PNG of base | patched images (concept prompts, "
                    "plus prompts to keep on the built-in model)")
     f.add_argument("--grid-prompt", action="append", default=None, help="a prompt for --grid (repeat)")
-    f.add_argument("--grid-steps", type=int, default=30, help="inference steps for --grid")
-    f.add_argument("--grid-guidance-scale", type=float, default=7.5)
+    f.add_argument("--grid-steps", type=int, default=None, help="inference steps for --grid (default: --gen-steps)")
+    f.add_argument("--grid-guidance-scale", type=float, default=None, help="default: the reference images' scale")
     f.add_argument("--steps", type=int, default=None, help="optimiser steps (default 35)")
     f.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-6; 1e-4 for --train lora)")
     f.add_argument("--seed", type=int, default=0)
@@ -334,8 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "template", "x") is None:
-        args.template = ["object"]
     from fmn.trainer import ForgetError
     from fmn.patch import PatchError
     if getattr(args, "quiet", False):
