@@ -3,6 +3,7 @@
     fmn forget   --model PATH_OR_HUB_ID --concept TEXT [--concept TEXT ...] [--images DIR] --out PATCH.safetensors
     fmn apply    --model PATH_OR_HUB_ID --patch PATCH.safetensors --out DIR
     fmn generate --model PATH_OR_HUB_ID [--patch PATCH.safetensors] --prompt TEXT [...] --out grid.png [--compare]
+    fmn eval     [--model TOY] [--patch PATCH.safetensors] --forget SHAPE_OR_COLOUR --out metrics.json [--grid g.png]
     fmn info     PATCH.safetensors
 
 Without --model the built-in toy model (fmn.toy) is used. Exit status: 0 done, 1 the run failed
@@ -246,6 +247,55 @@ def cmd_generate(a):
     return 0
 
 
+def cmd_eval(a):
+    """Forgetting metrics on a toy-model-family pipeline (the built-in one by default), with or
+    without a patch: UA, in-domain and cross-domain retain accuracy, and the base's for reference."""
+    import torch
+    from fmn.patch import atomic_write, load_patch
+    from fmn.toy import evaluate, load_classifier, relative_to, save_grid
+    from fmn.toy.data import COLORS, SHAPES
+    for c in a.forget:
+        if c not in SHAPES + COLORS:
+            raise CLIError(f"--forget {c!r}: fmn eval scores the toy model's shapes {SHAPES} and colours {COLORS}")
+    _refuse_existing(a.out, a.force)
+    if a.grid:
+        _refuse_existing(a.grid, a.force)
+    patch = load_patch(a.patch) if a.patch else None
+    pipe = load_pipeline(a.model, a.precision, device=a.device)
+    pipe.set_progress_bar_config(disable=True)
+    if patch is not None:
+        patch.check(pipe)
+    if pipe.device.type == "cpu":
+        torch.set_num_threads(1)  # a tiny model: one thread beats two oversubscribed ones
+    seeds = list(range(a.seeds))
+    classifier = load_classifier()
+    kw = dict(forgotten=a.forget, seeds=seeds, classifier=classifier, return_images=bool(a.grid),
+              num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
+    results = {"model": a.model or "fmn-toy", "patch": a.patch, "seeds": seeds}
+    base = evaluate(pipe, **kw)
+    panels = {"base": base.pop("images", None)}
+    results["base"] = {k: v for k, v in base.items() if k not in ("specs", "predictions")}
+    if patch is not None:
+        patch.apply(pipe, check=False)
+        after = evaluate(pipe, **kw)
+        panels["patched"] = after.pop("images", None)
+        results["patched"] = {k: v for k, v in after.items() if k not in ("specs", "predictions")}
+        results["patched"].update(relative_to(after, base))
+    atomic_write(a.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=str)), force=a.force)
+    if a.grid:
+        first = slice(0, None, len(seeds))  # one image per prompt: rows = shapes, columns = colours
+        atomic_write(a.grid, lambda tmp: save_grid(tmp, {k: v[first] for k, v in panels.items()}), force=a.force,
+                     suffix=".png")
+    if not a.quiet:
+        for name in ("base", "patched"):
+            if name in results:
+                r = results[name]
+                print(f"{name:8s} UA {r.get('ua')}  in-domain retain {r.get('in_domain_retain')}  "
+                      f"cross-domain retain {r.get('cross_domain_retain')}  ({r['n_images']} images, {r['seconds']:.1f} s)")
+        print(f"wrote {a.out}" + (f" and {a.grid}" if a.grid else ""))
+    return 0
+
+
 def cmd_info(a):
     from fmn.patch import load_patch
     p = load_patch(a.patch)
@@ -327,6 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resolution", type=int, default=None)
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="forgetting metrics on the built-in toy model (UA, retain accuracies)")
+    common(e)
+    e.add_argument("--patch", default=None, help="patch to evaluate against the base")
+    e.add_argument("--forget", action="append", required=True, help="the forgotten shape or colour (repeat)")
+    e.add_argument("--seeds", type=int, default=4, help="seeds per prompt (25 prompts)")
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--guidance-scale", type=float, default=5.0)
+    e.add_argument("--out", required=True, help="JSON file to write")
+    e.add_argument("--grid", default=None, help="PNG of base | patched, one image per prompt")
+    e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="print a patch's metadata")
     i.add_argument("patch")

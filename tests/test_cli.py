@@ -114,6 +114,20 @@ def test_forget_writes_a_before_after_grid(model, tmp_path):
     assert not out2.exists()
 
 
+def test_eval_on_the_builtin_model(tmp_path):
+    patch_path, out, grid = tmp_path / "circle.safetensors", tmp_path / "m.json", tmp_path / "g.png"
+    assert main(["forget", "--concept", "circle", "--out", str(patch_path), "--steps", "3", "--n-images", "2",
+                 "--gen-steps", "3", "-q"]) == 0
+    assert main(["eval", "--patch", str(patch_path), "--forget", "circle", "--seeds", "1", "--steps", "4",
+                 "--out", str(out), "--grid", str(grid), "-q"]) == 0
+    m = json.loads(out.read_text())
+    assert m["base"]["n_images"] == 25 and m["patched"]["forgotten"] == ["circle"]
+    for key in ("ua", "in_domain_retain", "cross_domain_retain"):
+        assert 0 <= m["patched"][key] <= 1
+    assert "in_domain_retain_rel" in m["patched"] and Image.open(grid).size[0] > 2 * 5 * 32
+    assert main(["eval", "--forget", "hexagon", "--out", str(tmp_path / "x.json"), "-q"]) == 2
+
+
 def test_info(patch_file, capsys):
     assert main(["info", str(patch_file)]) == 0
     info = json.loads(capsys.readouterr().out)
