@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fmn.toy import data
-from fmn.toy.evaluate import PromptSpec, prompt_set, save_grid, score
+from fmn.toy.evaluate import prompt_set, save_grid, score
 
 
 # ---------------------------------------------------------------- data set

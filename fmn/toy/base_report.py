@@ -70,7 +70,7 @@ def main(argv=None):
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "toy_base.json").write_text(json.dumps(report, indent=1))
-        save_grid(out / "toy_base_grid.png", {f"base model, seed 0 (rows: shapes, cols: colours)": grid_images},
+        save_grid(out / "toy_base_grid.png", {"base model, seed 0 (rows: shapes, cols: colours)": grid_images},
                   scale=3)
         print("wrote", out / "toy_base.json", out / "toy_base_grid.png")
     return report

@@ -11,7 +11,6 @@ order, by any number of workers, and is always the same.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
