@@ -336,6 +336,9 @@ def _config(q, L):
         UPCAST=triton_interpreting() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4 if block_d <= 64 else 8,
+        # Kernels looping over keys: with one key block there is nothing to pipeline, and multi-
+        # buffering a [128, 256] K and V tile would overflow shared memory on wide heads.
+        KEY_LOOP_STAGES=1 if one_key_block else 2,
     )
 
 
@@ -379,6 +382,7 @@ def _forward(q, k, v, w, keep, valid, scale, cfg):
         HAS_W=w is not None, HAS_KEEP=keep is not None, HAS_VALID=valid is not None,
         ONE_KEY_BLOCK=cfg["ONE_KEY_BLOCK"], UPCAST=cfg["UPCAST"], PRECISION=cfg["PRECISION"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        num_stages=cfg["KEY_LOOP_STAGES"],
     )
     return out, score, lse
 
@@ -405,7 +409,7 @@ def _backward(q, k, v, out, score, lse, w, keep, valid, do, dscore, scale, cfg, 
         _bwd_dq_kernel[row_grid](
             q, k, v, *vectors, do, lse, delta, dscore, dq,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-            H, N, L, D, scale * LOG2E, scale, BLOCK_N=cfg["BLOCK_N"], **flags,
+            H, N, L, D, scale * LOG2E, scale, BLOCK_N=cfg["BLOCK_N"], num_stages=cfg["KEY_LOOP_STAGES"], **flags,
         )
 
     split, rows_per_split = _dkdv_split(q, L, cfg, split_request)
