@@ -118,6 +118,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
         json.dump(payload, f, indent=2)
         tmp = f.name
+    os.chmod(tmp, 0o644)  # NamedTemporaryFile makes 0600 files
     os.replace(tmp, path)
 
 
