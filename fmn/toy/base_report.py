@@ -2,7 +2,8 @@
 
     .venv/bin/python -m fmn.toy.base_report [--model PATH] [--seeds 4] [--out bench/results]
 
-Writes toy_base.json (accuracies, per shape/colour, timing, model size and training info) and
+Also measures where the model reads the shape from (fmn.toy.evaluate.slot_control).
+Writes toy_base.json (accuracies, per shape/colour, slot control, timing, model size, training info) and
 toy_base_grid.png (one seed; rows: shapes, columns: colours) into --out.
 """
 from __future__ import annotations
@@ -55,6 +56,10 @@ def main(argv=None):
                   f"both {m['both_acc']:.3f} ({m['seconds']:.1f} s for {m['n_images']} images)", flush=True)
             print("   per shape", {k: round(v, 3) for k, v in m["per_shape"].items()},
                   "per colour", {k: round(v, 3) for k, v in m["per_color"].items()}, flush=True)
+    from fmn.toy.evaluate import slot_control
+    control = slot_control(pipe, clf, seeds=seeds[:2], num_inference_steps=args.steps)
+    print(f"shape read from: word slot {control['word']:.2f}, end slots {control['end']:.2f} "
+          f"(share of {control['n_images'] // 2} images each that follow the swapped-in slot)", flush=True)
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     info_p = Path(path) / "training_info.json"
     report = {
@@ -63,6 +68,7 @@ def main(argv=None):
         "load_seconds": load_s,
         "params": {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in ("unet", "vae", "text_encoder")},
         "training": json.loads(info_p.read_text()) if info_p.exists() else None,
+        "slot_control": control,
         "eval": {"seeds": seeds, "num_inference_steps": args.steps, "results": results,
                  "prompts": "5 shapes x 5 colours per template", "torch_threads": args.threads},
     }

@@ -46,12 +46,6 @@ SHAPE_TEMPLATES = ("a {s}", "a photo of a {s}", "a picture of a {s}", "{s}")
 COLOR_TEMPLATES = ("a {c} shape", "a photo of something {c}", "{c}")
 
 
-def vocabulary() -> list[str]:
-    """Every word a caption can contain (the toy tokenizer's vocabulary is built from them)."""
-    words = {w for t in FULL_TEMPLATES + SHAPE_TEMPLATES + COLOR_TEMPLATES for w in t.split() if "{" not in w}
-    return sorted(words | set(SHAPES) | set(COLORS))
-
-
 def _polygon_mask(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
     """Even-odd point-in-polygon test for arrays of points (x, y) and vertices (vx, vy)."""
     inside = np.zeros(x.shape, dtype=bool)

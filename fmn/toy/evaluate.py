@@ -208,6 +208,60 @@ def evaluate(pipe, prompts_spec=None, seeds: Iterable[int] = DEFAULT_SEEDS, forg
     return m
 
 
+@torch.no_grad()
+def slot_control(pipe, classifier=None, seeds: Iterable[int] = (0, 1), color: str = "red",
+                 num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE) -> dict:
+    """Which text slots carry the shape: for every ordered pair of shapes (a, b), encode
+    "a {color} {a}" and replace (1) its shape word's slot, or (2) its end slots (end-of-text and
+    padding), by those of "a {color} {b}"; generate and classify.
+
+    Returns {"word": share of (1) drawn as b, "end": share of (2) drawn as b, "n_images": ...}.
+    A model that reads the prompt's words, as SD 1.x/2.x do, scores word ~1 and end ~0; token-level
+    forgetting (fmn's attention loss) can only work on such a model.
+    """
+    from fmn.spans import concept_token_mask
+    from fmn.trainer import encode_text
+
+    if classifier is None:
+        from fmn.toy.classifier import load_classifier
+        classifier = load_classifier()
+    tok = pipe.tokenizer
+    embeds, wanted, kinds = [], [], []
+    for a in SHAPES:
+        pa = f"a {color} {a}"
+        ea = encode_text(pipe, [pa])[0]
+        ids = tok(pa, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
+        end = int(torch.nonzero(ids == tok.eos_token_id)[0])
+        word_a = concept_token_mask(tok, [pa], [a])[0]
+        for b in SHAPES:
+            if b == a:
+                continue
+            pb = f"a {color} {b}"
+            eb = encode_text(pipe, [pb])[0]
+            word_b = concept_token_mask(tok, [pb], [b])[0]
+            if word_a.sum() != word_b.sum() or int(torch.nonzero(word_a)[0]) != int(torch.nonzero(word_b)[0]):
+                raise ValueError(f"shapes {a!r} and {b!r} are not single tokens at the same place")
+            word = ea.clone()
+            word[:, word_a] = eb[:, word_b]
+            tail = ea.clone()
+            tail[:, end:] = eb[:, end:]
+            embeds += [word, tail]
+            wanted += [b, b]
+            kinds += ["word", "end"]
+    seeds = list(seeds)
+    neg = encode_text(pipe, [""])[0]
+    hits = {"word": [], "end": []}
+    for e, b, k in zip(embeds, wanted, kinds):
+        gens = [torch.Generator(device="cpu").manual_seed(int(sd)) for sd in seeds]
+        img = pipe(prompt_embeds=e.expand(len(seeds), -1, -1), negative_prompt_embeds=neg.expand(len(seeds), -1, -1),
+                   generator=gens, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                   output_type="pt").images.float() * 2 - 1
+        pred = classifier.classify(img)["shape"].tolist()
+        hits[k] += [SHAPES[p] == b if p < len(SHAPES) else False for p in pred]
+    return {"word": float(np.mean(hits["word"])), "end": float(np.mean(hits["end"])),
+            "n_images": len(hits["word"]) + len(hits["end"]), "color": color, "seeds": seeds}
+
+
 def save_grid(path, panels: dict, ncols: int = 5, scale: int = 2, pad: int = 2, title_height: int = 14):
     """Write a PNG with one panel per entry of `panels` ({title: images}), side by side.
 

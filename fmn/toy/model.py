@@ -1,9 +1,7 @@
 """Builders for the toy Stable-Diffusion-structured pipeline (same diffusers/transformers classes as SD 1.x).
 
 VAE: AutoencoderKL, 32 px RGB <-> 4 x 16 x 16 latents (down factor 2).
-Tokenizer: CLIPTokenizer with CLIP's BPE restricted to the captions' words (588 tokens; the words
-split as in SD 1.x's tokenizer, any other word into smaller pieces).
-Text encoder: CLIPTextModel (hidden 64, 2 layers, causal, as in SD).
+Text encoder: CLIPTextModel (hidden 64, vocabulary 49408 so the real SD 1.x CLIP tokenizer works).
 UNet: UNet2DConditionModel with cross-attention (attn2) in every block, sample_size 16 -> 32 px images.
 Scheduler: DDPM for training (SD's scaled-linear betas, 1000 steps); DDIM saved for inference.
 """
@@ -29,18 +27,11 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_tokenizer():
-    from fmn.tokenizer import clip_tokenizer
-    from fmn.toy.data import vocabulary
-    return clip_tokenizer(pad_token="<|endoftext|>", words=vocabulary())
-
-
-def build_text_encoder(tokenizer) -> CLIPTextModel:
+def build_text_encoder() -> CLIPTextModel:
     cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, hidden_act="quick_gelu",
-        projection_dim=TEXT_HIDDEN, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=TEXT_HIDDEN,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     )
     return CLIPTextModel(cfg)
 
