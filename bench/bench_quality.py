@@ -74,8 +74,9 @@ def main():
     parser.add_argument("--esd-lr", type=float, default=1e-4, help="ESD-x learning rate (its paper: 1e-5 on SD)")
     parser.add_argument("--lora-lr", type=float, default=1e-2, help="learning rate of the fmn LoRA variant")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality_cpu.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is best when other jobs run)")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the toy model is tiny: one thread beats two oversubscribed ones
+    torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds or (2 if args.quick else 4)))
     tasks = [t.split("+") for t in (args.tasks or (["circle"] if args.quick else ["circle", "circle+square", "red"]))]
     base = load_default_pipeline(path=args.model)

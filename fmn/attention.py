@@ -15,6 +15,7 @@ A processor has three settings, changed by the context managers below, never by 
 Masks are batch-major, aligned with the encoder_hidden_states batch the UNet is called with.
 """
 import inspect
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -339,9 +340,9 @@ def suppress(pipe, concepts, *, include_eos=False, backend="auto"):
     same positions for the same text; a different `prompt_2` adds its own matches.
 
     The pipeline must be called with `prompt` text, not only `prompt_embeds`. Prompts without the
-    concepts are generated as they are; a call in which no prompt holds any of the concepts is a
-    ValueError (most likely a misspelt concept). Nested `suppress` calls do not combine: the
-    innermost wins.
+    concepts are generated as they are, so a long prompt list can be generated in batches; if no
+    call inside the block held any of the concepts, leaving it warns (most likely a misspelt
+    concept). Nested `suppress` calls do not combine: the innermost wins.
     """
     if not callable(getattr(pipe, "encode_prompt", None)) or getattr(pipe, "tokenizer", None) is None:
         raise TypeError(f"pipe must be a diffusers pipeline with encode_prompt and a tokenizer, "
@@ -352,6 +353,7 @@ def suppress(pipe, concepts, *, include_eos=False, backend="auto"):
     signature = inspect.signature(encode)
     had_own = "encode_prompt" in vars(pipe)
 
+    found = []
     with _configured(pipe, backend, zero_mask=None) as processors:
         def encode_prompt(*args, **kwargs):
             call = signature.bind(*args, **kwargs)
@@ -362,10 +364,10 @@ def suppress(pipe, concepts, *, include_eos=False, backend="auto"):
                 raise ValueError("fmn.suppress needs the prompt text to find the concept tokens; "
                                  "the pipeline was called with prompt=None (prompt_embeds only?)")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            # A batch may mix prompts with and without the concepts; none at all is most likely a typo.
+            # A batch may mix prompts with and without the concepts, or hold none of them.
             mask = concept_token_mask(pipe.tokenizer, prompts, concepts, include_eos=include_eos, missing="ignore")
-            if not concept_token_mask(pipe.tokenizer, prompts, concepts, missing="ignore").any():
-                raise ValueError(f"fmn.suppress: the concepts {list(concepts)} occur in none of the prompts {prompts}")
+            if concept_token_mask(pipe.tokenizer, prompts, concepts, missing="ignore").any():
+                found.append(True)
             prompt_2 = given.get("prompt_2")
             if prompt_2 is not None and getattr(pipe, "tokenizer_2", None) is not None:
                 prompts_2 = [prompt_2] if isinstance(prompt_2, str) else list(prompt_2)
@@ -388,3 +390,6 @@ def suppress(pipe, concepts, *, include_eos=False, backend="auto"):
                 pipe.encode_prompt = encode
             else:
                 del pipe.encode_prompt
+    if not found:
+        warnings.warn(f"fmn.suppress: the concepts {list(concepts)} occurred in none of the prompts generated "
+                      "inside the block (misspelt?); nothing was suppressed", stacklevel=3)
