@@ -20,7 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def main(argv=None):
     import torch
 
-    from fmn.toy import default_model_path, evaluate, load_classifier, load_default_pipeline, prompt_set, save_grid
+    from fmn.toy import (default_model_path, evaluate, load_classifier, load_default_pipeline, prompt_set,
+                         save_grid, slot_control)
     from fmn.toy.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +57,6 @@ def main(argv=None):
                   f"both {m['both_acc']:.3f} ({m['seconds']:.1f} s for {m['n_images']} images)", flush=True)
             print("   per shape", {k: round(v, 3) for k, v in m["per_shape"].items()},
                   "per colour", {k: round(v, 3) for k, v in m["per_color"].items()}, flush=True)
-    from fmn.toy.evaluate import slot_control
     control = slot_control(pipe, clf, seeds=seeds[:2], num_inference_steps=args.steps)
     print(f"shape read from: word slot {control['word']:.2f}, end slots {control['end']:.2f} "
           f"(share of {control['n_images'] // 2} images each that follow the swapped-in slot)", flush=True)

@@ -226,40 +226,39 @@ def slot_control(pipe, classifier=None, seeds: Iterable[int] = (0, 1), color: st
         from fmn.toy.classifier import load_classifier
         classifier = load_classifier()
     tok = pipe.tokenizer
+    prompts = [f"a {color} {s}" for s in SHAPES]
+    enc = encode_text(pipe, prompts)[0]
+    words = concept_token_mask(tok, prompts, [[s] for s in SHAPES])
+    if not (words.sum(1) == 1).all() or not (words == words[0]).all():
+        raise ValueError(f"the shapes {SHAPES} are not single tokens at the same place in {prompts}")
+    ids = tok(prompts[0], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
+    end = int(torch.nonzero(ids == tok.eos_token_id)[0])
     embeds, wanted, kinds = [], [], []
-    for a in SHAPES:
-        pa = f"a {color} {a}"
-        ea = encode_text(pipe, [pa])[0]
-        ids = tok(pa, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
-        end = int(torch.nonzero(ids == tok.eos_token_id)[0])
-        word_a = concept_token_mask(tok, [pa], [a])[0]
-        for b in SHAPES:
-            if b == a:
+    for i in range(len(SHAPES)):
+        for j in range(len(SHAPES)):
+            if i == j:
                 continue
-            pb = f"a {color} {b}"
-            eb = encode_text(pipe, [pb])[0]
-            word_b = concept_token_mask(tok, [pb], [b])[0]
-            if word_a.sum() != word_b.sum() or int(torch.nonzero(word_a)[0]) != int(torch.nonzero(word_b)[0]):
-                raise ValueError(f"shapes {a!r} and {b!r} are not single tokens at the same place")
-            word = ea.clone()
-            word[:, word_a] = eb[:, word_b]
-            tail = ea.clone()
-            tail[:, end:] = eb[:, end:]
+            word = enc[i].clone()
+            word[words[0]] = enc[j, words[0]]
+            tail = enc[i].clone()
+            tail[end:] = enc[j, end:]
             embeds += [word, tail]
-            wanted += [b, b]
+            wanted += [SHAPES[j]] * 2
             kinds += ["word", "end"]
     seeds = list(seeds)
+    n = len(embeds) * len(seeds)
     neg = encode_text(pipe, [""])[0]
+    gens = [torch.Generator(device="cpu").manual_seed(int(sd)) for _ in embeds for sd in seeds]
+    img = pipe(prompt_embeds=torch.stack(embeds).repeat_interleave(len(seeds), 0),
+               negative_prompt_embeds=neg.expand(n, -1, -1), generator=gens,
+               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+               output_type="pt").images.float() * 2 - 1
+    pred = classifier.classify(img)["shape"].tolist()
     hits = {"word": [], "end": []}
-    for e, b, k in zip(embeds, wanted, kinds):
-        gens = [torch.Generator(device="cpu").manual_seed(int(sd)) for sd in seeds]
-        img = pipe(prompt_embeds=e.expand(len(seeds), -1, -1), negative_prompt_embeds=neg.expand(len(seeds), -1, -1),
-                   generator=gens, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                   output_type="pt").images.float() * 2 - 1
-        pred = classifier.classify(img)["shape"].tolist()
-        hits[k] += [SHAPES[p] == b if p < len(SHAPES) else False for p in pred]
+    for k, (b, kind) in enumerate(zip(wanted, kinds)):
+        hits[kind] += [p < len(SHAPES) and SHAPES[p] == b for p in pred[k * len(seeds):(k + 1) * len(seeds)]]
     return {"word": float(np.mean(hits["word"])), "end": float(np.mean(hits["end"])),
-            "n_images": len(hits["word"]) + len(hits["end"]), "color": color, "seeds": seeds}
+            "n_images": n, "color": color, "seeds": seeds}
 
 
 def save_grid(path, panels: dict, ncols: int = 5, scale: int = 2, pad: int = 2, title_height: int = 14):
