@@ -31,10 +31,38 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 @lru_cache(maxsize=1)
-def _vocab_folder() -> str:
+def _merges() -> tuple:
     bpe = resources.files("fmn") / "assets" / "clip_bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.decompress(bpe.read_bytes()).decode("utf-8").split("\n")[1:_N_MERGES + 1]
-    merges = [tuple(line.split()) for line in lines]
+    return tuple(tuple(line.split()) for line in lines)
+
+
+def _merges_used(words, merges) -> list:
+    """The merges CLIP's BPE applies to `words` (lowercase, one pre-token each), in rank order.
+
+    BPE merges the lowest-ranked adjacent pair first; keeping exactly the merges it used leaves
+    those words' tokens unchanged, and any other word falls back to smaller pieces."""
+    rank = {m: i for i, m in enumerate(merges)}
+    byte_sym = _bytes_to_unicode()
+    used = set()
+    for word in words:
+        syms = [byte_sym[b] for b in word.encode("utf-8")]
+        parts = syms[:-1] + [syms[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = [(rank.get(p, len(rank)), i) for i, p in enumerate(zip(parts, parts[1:]))]
+            best, i = min(pairs)
+            if best == len(rank):
+                break
+            used.add(best)
+            parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return [merges[i] for i in sorted(used)]
+
+
+@lru_cache(maxsize=4)
+def _vocab_folder(words: tuple | None = None) -> str:
+    merges = list(_merges())
+    if words is not None:
+        merges = _merges_used(words, merges)
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -45,7 +73,16 @@ def _vocab_folder() -> str:
     return str(folder)
 
 
-def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77) -> CLIPTokenizer:
-    """SD 1.x's tokenizer (pads with end-of-text); pad_token="!" gives SD 2.x's."""
-    return CLIPTokenizer.from_pretrained(_vocab_folder(), pad_token=pad_token,
+def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77, words=None) -> CLIPTokenizer:
+    """SD 1.x's tokenizer (pads with end-of-text); pad_token="!" gives SD 2.x's.
+
+    words: None for the full 49408-token vocabulary; or a list of words, for a small vocabulary
+    (the 512 byte symbols, the merges those words need, the two special tokens) that splits those
+    words exactly as the full one does and any other word into smaller pieces (the toy model's).
+    """
+    if words is not None:
+        words = tuple(sorted({w.lower() for text in words for w in str(text).split()}))
+        if not words:
+            raise ValueError("words must name at least one word")
+    return CLIPTokenizer.from_pretrained(_vocab_folder(words), pad_token=pad_token,
                                          model_max_length=model_max_length)

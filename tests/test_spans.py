@@ -115,3 +115,17 @@ def test_bad_inputs():
         concept_token_mask(SD1, ["a cat"], [" "])
     with pytest.raises(TypeError, match="mask"):
         with_guidance(torch.zeros(77, dtype=torch.bool))
+
+
+def test_small_vocabulary_splits_its_words_as_clip_does():
+    """The toy model's tokenizer: CLIP's BPE kept only for the captions' words."""
+    from fmn.toy.data import all_captions, vocabulary
+    small = clip_tokenizer(words=vocabulary(), model_max_length=8)
+    assert len(small) < 600 and small.model_max_length == 8
+    for cap in all_captions():
+        assert small.tokenize(cap) == SD1.tokenize(cap), cap
+    # a word outside the captions still tokenizes, into smaller pieces
+    assert len(small.tokenize("dragon")) > len(SD1.tokenize("dragon")) == 1
+    assert small.convert_tokens_to_ids("<|endoftext|>") == len(small) - 1
+    with pytest.raises(ValueError, match="words"):
+        clip_tokenizer(words=[" "])

@@ -46,6 +46,18 @@ SHAPE_TEMPLATES = ("a {s}", "a photo of a {s}", "a picture of a {s}", "{s}")
 COLOR_TEMPLATES = ("a {c} shape", "a photo of something {c}", "{c}")
 
 
+def all_captions() -> list[str]:
+    """Every caption `caption_for` can produce, sorted."""
+    caps = {t.format(c=c, s=s) for t in FULL_TEMPLATES + SHAPE_TEMPLATES + COLOR_TEMPLATES
+            for s in SHAPES for c in COLORS}
+    return sorted(caps)
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption can contain (the toy tokenizer's vocabulary is built from them)."""
+    return sorted({w for cap in all_captions() for w in cap.split()})
+
+
 def _polygon_mask(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
     """Even-odd point-in-polygon test for arrays of points (x, y) and vertices (vx, vy)."""
     inside = np.zeros(x.shape, dtype=bool)

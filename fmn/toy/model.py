@@ -1,7 +1,9 @@
 """Builders for the toy Stable-Diffusion-structured pipeline (same diffusers/transformers classes as SD 1.x).
 
 VAE: AutoencoderKL, 32 px RGB <-> 4 x 16 x 16 latents (down factor 2).
-Text encoder: CLIPTextModel (hidden 64, vocabulary 49408 so the real SD 1.x CLIP tokenizer works).
+Tokenizer: CLIPTokenizer with CLIP's BPE restricted to the captions' words (588 tokens; the words
+split as in SD 1.x's tokenizer, any other word into smaller pieces), 8 slots, padded with end-of-text.
+Text encoder: CLIPTextModel (hidden 64, 2 layers, causal, as in SD), random and frozen in training.
 UNet: UNet2DConditionModel with cross-attention (attn2) in every block, sample_size 16 -> 32 px images.
 Scheduler: DDPM for training (SD's scaled-linear betas, 1000 steps); DDIM saved for inference.
 """
@@ -13,6 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 TEXT_HIDDEN = 64
 LATENT_CHANNELS = 4
 LATENT_SIZE = 16
+TEXT_SLOTS = 8  # the longest caption ("a picture of a purple triangle") fills them with its start and end tokens
 SCHEDULER_KW = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     prediction_type="epsilon", clip_sample=False, steps_offset=1)
 
@@ -27,11 +30,18 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_text_encoder() -> CLIPTextModel:
+def build_tokenizer(text_slots: int = TEXT_SLOTS):
+    from fmn.tokenizer import clip_tokenizer
+    from fmn.toy.data import vocabulary
+    return clip_tokenizer(pad_token="<|endoftext|>", model_max_length=text_slots, words=vocabulary())
+
+
+def build_text_encoder(tokenizer) -> CLIPTextModel:
     cfg = CLIPTextConfig(
-        vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=TEXT_HIDDEN,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, hidden_act="quick_gelu",
+        projection_dim=TEXT_HIDDEN, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModel(cfg)
 
