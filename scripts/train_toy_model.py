@@ -24,7 +24,7 @@ Recipes (--recipe):
          and fmn forgetting is still not specific: "circle" at lr 4e-4 UA 0.3 (in-domain retain
          0.93, cross-domain 0.69 of base), at 1e-3 UA 1.0 with retain 0.25 / 0.31. Without the
          standardizing: colour 0.50-0.60, word 0.97, same forgetting picture; with 16 slots no text
-         conditioning appeared in 1400 steps. Hence not shipped: reading the words alone does not
+         conditioning appeared in 1600 of 2400 steps. Hence not shipped: reading the words alone does not
          make token-level forgetting specific on a model this small.
 A held-out probe logs the denoising loss with the true caption, another shape's word, another
 caption's end slots, and the empty prompt (a model that reads its words: word-swap >> true ~ end-swap).
