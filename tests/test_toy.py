@@ -103,7 +103,9 @@ def test_default_pipeline_loads_offline_and_makes_32px_images(pipe):
     from fmn.toy import default_model_path
     assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.unet, UNet2DConditionModel)
     assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
-    assert pipe.tokenizer.vocab_size == 49408 and pipe.tokenizer.pad_token == "<|endoftext|>"
+    # SD 1.x's tokenizer cut to the captions' words (588 tokens), 77 slots padded with end-of-text
+    assert pipe.tokenizer.vocab_size == 588 and pipe.tokenizer.pad_token == "<|endoftext|>"
+    assert pipe.tokenizer.model_max_length == 77
     out = pipe("a red circle", num_inference_steps=2, output_type="np",
                generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 32, 32, 3)
@@ -118,6 +120,27 @@ def test_base_model_draws_the_asked_shape_and_colour(pipe):
     # these bounds catch a broken model or pipeline
     assert m["shape_acc"] >= 0.75, m
     assert m["color_acc"] >= 0.85, m
+
+
+def test_prune_vocabulary_keeps_every_caption_encoding_bit_identical():
+    from fmn.testing import _text_config
+    from fmn.tokenizer import clip_tokenizer
+    from fmn.toy.model import prune_vocabulary
+    from transformers import CLIPTextModel
+    torch.manual_seed(0)
+    full_tok = clip_tokenizer()
+    full = CLIPTextModel(_text_config(32)).eval()
+    tok, small = prune_vocabulary(full_tok, full, data.vocabulary())
+    assert len(tok) == small.config.vocab_size < 600 and small.config.eos_token_id == tok.eos_token_id
+    caps = [""] + data.all_captions()
+    with torch.no_grad():
+        a = full(full_tok(caps, padding="max_length", return_tensors="pt").input_ids)[0]
+        b = small(tok(caps, padding="max_length", return_tensors="pt").input_ids)[0]
+    assert torch.equal(a, b)
+    with torch.no_grad():  # a word outside the captions splits differently, so it encodes differently
+        other = [full(full_tok("a dragon", return_tensors="pt").input_ids)[0],
+                 small(tok("a dragon", return_tensors="pt").input_ids)[0]]
+    assert other[0].shape != other[1].shape
 
 
 def test_slot_control_finds_where_the_model_reads_the_shape(pipe):

@@ -2,8 +2,11 @@
 
 VAE: AutoencoderKL, 32 px RGB <-> 4 x 16 x 16 latents (down factor 2).
 Tokenizer: CLIPTokenizer with CLIP's BPE restricted to the captions' words (588 tokens; the words
-split as in SD 1.x's tokenizer, any other word into smaller pieces), 8 slots, padded with end-of-text.
-Text encoder: CLIPTextModel (hidden 64, 2 layers, causal, as in SD), random and frozen in training.
+split as in SD 1.x's tokenizer, any other word into smaller pieces), padded with end-of-text; 77 slots
+in the shipped model, 8 in the "words" recipe.
+Text encoder: CLIPTextModel (hidden 64, 2 layers, causal, as in SD): trained with the UNet on the full
+49408-token vocabulary and then pruned to 588 rows (prune_vocabulary) in the shipped model; random and
+frozen in the "words" recipe.
 UNet: UNet2DConditionModel with cross-attention (attn2) in every block, sample_size 16 -> 32 px images.
 Scheduler: DDPM for training (SD's scaled-linear betas, 1000 steps); DDIM saved for inference.
 """
@@ -63,3 +66,32 @@ def build_train_scheduler() -> DDPMScheduler:
 def build_inference_scheduler() -> DDIMScheduler:
     kw = dict(SCHEDULER_KW)
     return DDIMScheduler(**kw, set_alpha_to_one=False)
+
+
+def prune_vocabulary(tokenizer, text_encoder: CLIPTextModel, words):
+    """A small-vocabulary copy of (tokenizer, text_encoder) that encodes `words` exactly as before.
+
+    The small tokenizer keeps CLIP's BPE only for `words` (fmn.tokenizer.clip_tokenizer(words=...)),
+    so those words split into the same token strings; the encoder keeps the embedding rows of those
+    strings, everything else unchanged. Prompts made of `words` give bit-identical outputs; other
+    words split into smaller pieces. Cuts the toy encoder from 49408 rows (6.3 MB in fp16) to 588."""
+    import torch
+
+    from fmn.tokenizer import clip_tokenizer
+
+    small = clip_tokenizer(pad_token=tokenizer.pad_token, model_max_length=tokenizer.model_max_length, words=words)
+    full_ids = tokenizer.get_vocab()
+    strings = sorted(small.get_vocab(), key=small.get_vocab().get)
+    missing = [s for s in strings if s not in full_ids]
+    if missing:
+        raise ValueError(f"tokenizer lacks tokens of the small vocabulary: {missing[:5]}")
+    rows = torch.tensor([full_ids[s] for s in strings])
+    cfg = text_encoder.config.to_dict()
+    cfg.update(vocab_size=len(small), bos_token_id=small.bos_token_id, eos_token_id=small.eos_token_id,
+               pad_token_id=small.pad_token_id)
+    pruned = CLIPTextModel(CLIPTextConfig.from_dict(cfg)).to(text_encoder.dtype)
+    state = dict(text_encoder.state_dict())
+    key = next(k for k in state if k.endswith("token_embedding.weight"))
+    state[key] = state[key][rows]
+    pruned.load_state_dict(state)
+    return small, pruned.eval()
