@@ -122,34 +122,27 @@ RECIPES = {
     "words": dict(frozen_text_encoder=True, small_vocabulary=True, text_slots=M.TEXT_SLOTS, channels=(32, 64),
                   steps=3600),
 }
-_IDS: dict[str, torch.Tensor] = {}
 
 
-def ids_for(tok, captions):
-    """Token ids [len(captions), slots], each caption tokenized once."""
-    for c in captions:
-        if c not in _IDS:
-            _IDS[c] = tok(c, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids[0]
-    return torch.stack([_IDS[c] for c in captions])
+def tokenize(tok, captions):
+    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
 
 
 @torch.no_grad()
-def encode_captions(te, tok, captions):
-    """{caption: (encoder output [slots, hidden], index of its end-of-text slot)} for every caption."""
-    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
+def encode_captions(te, ids, captions, eos_id):
+    """{caption: (encoder output [slots, hidden], index of its end-of-text slot)}; ids = tokenize(captions)."""
     out = te(ids)[0]
-    end = (ids == tok.eos_token_id).int().argmax(dim=1)
+    end = (ids == eos_id).int().argmax(dim=1)
     return {c: (out[i], int(end[i])) for i, c in enumerate(captions)}
 
 
 @torch.no_grad()
-def standardize_outputs(te, tok, captions):
-    """Set the final layer norm's affine so that the outputs over all slots of `captions` have zero
-    mean and unit variance per dimension: a random transformer's outputs share one large direction
-    (norm 7.4 of 8 here), which would otherwise drown the words' differences in every attention logit."""
-    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+def standardize_outputs(te, ids):
+    """Set the final layer norm's affine so that the outputs over all slots of the captions `ids`
+    have zero mean and unit variance per dimension: a random transformer's outputs share one large
+    direction (norm 7.4 of 8 here), which would otherwise drown the words' differences in every
+    attention logit."""
     out = te(ids)[0].reshape(-1, te.config.hidden_size)
     ln = te.text_model.final_layer_norm if hasattr(te, "text_model") else te.final_layer_norm
     mean, std = out.mean(0), out.std(0)
@@ -273,15 +266,18 @@ def main():
     log(t0, f"pool encoded; latent std {lat_mean.std():.3f} -> scaling_factor {scale:.4f}; "
             f"posterior std {lat_std.mean():.4f}")
 
+    # every caption the data set can produce, tokenized once
     captions = [""] + data.all_captions()
+    caption_ids = tokenize(tok, captions)
+    row = {c: i for i, c in enumerate(captions)}
     torch.manual_seed(args.seed + 3)
     te = M.build_text_encoder(tok)
     if frozen:  # random and frozen (see the docstring): encode every caption once
         te = te.eval().requires_grad_(False)
-        standardize_outputs(te, tok, captions)
+        standardize_outputs(te, caption_ids)
         if not args.fp32:  # it ships in fp16: condition the UNet on what those weights give
             te = te.half().float()
-    enc = encode_captions(te, tok, captions)
+    enc = encode_captions(te, caption_ids, captions, tok.eos_token_id)
     same_length: dict[int, list[str]] = {}
     for c, (_, end) in enc.items():
         if c:
@@ -311,16 +307,18 @@ def main():
             else:
                 caps.append(data.caption_for(data.SHAPES[shapes[i]], data.COLORS[colors[i]], rng))
         if frozen:
+            # a caption's own end slots are never seen: the empty prompt's, then another caption's
+            clean = step < args.clean_frac * args.steps
             cond = []
             for c in caps:
-                # the caption's own end slots are never seen: the empty prompt's, then another caption's
-                group = same_length[enc[c][1]] if c else None
-                partner = None if not c else "" if step < args.clean_frac * args.steps else \
-                    group[rng.integers(len(group))]
+                partner = None
+                if c:
+                    group = same_length[enc[c][1]]
+                    partner = "" if clean else group[rng.integers(len(group))]
                 cond.append(conditioning(enc, c, partner))
             emb = torch.stack(cond)
         else:
-            emb = te(ids_for(tok, caps))[0]
+            emb = te(caption_ids[[row[c] for c in caps]])[0]
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen)
@@ -343,7 +341,7 @@ def main():
         if step % args.probe_every == 0 or step == args.steps - 1:
             unet.eval()
             if not frozen:
-                enc = encode_captions(te, tok, captions)
+                enc = encode_captions(te, caption_ids, captions, tok.eos_token_id)
             pr = probe(unet, enc, probe_lat, ps, pc, acp, torch.Generator().manual_seed(args.seed + 7), scale)
             unet.train()
             log(t0, "probe " + " ".join(f"{k} {v:.4f}" for k, v in pr.items()))

@@ -12,6 +12,7 @@ Scheduler: DDPM for training (SD's scaled-linear betas, 1000 steps); DDIM saved 
 """
 from __future__ import annotations
 
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -75,8 +76,6 @@ def prune_vocabulary(tokenizer, text_encoder: CLIPTextModel, words):
     so those words split into the same token strings; the encoder keeps the embedding rows of those
     strings, everything else unchanged. Prompts made of `words` give bit-identical outputs; other
     words split into smaller pieces. Cuts the toy encoder from 49408 rows (6.3 MB in fp16) to 588."""
-    import torch
-
     from fmn.tokenizer import clip_tokenizer
 
     small = clip_tokenizer(pad_token=tokenizer.pad_token, model_max_length=tokenizer.model_max_length, words=words)
