@@ -142,6 +142,7 @@ def cmd_forget(a):
         steps=a.steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed, resolution=a.resolution,
         train=a.train, loss=a.loss, visual_weight=a.visual_weight, template=template, n_images=a.n_images,
         gen_steps=a.gen_steps, include_eos=a.include_eos, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
+        retain=a.retain, retain_weight=a.retain_weight, retain_samples=a.retain_samples,
         precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, backend=a.backend,
         inversion=a.inversion, inversion_steps=a.inversion_steps, inversion_tokens=a.inversion_tokens,
         patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
@@ -346,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--n-images", type=int, default=None, help="images generated per concept (default 10; 4 on tiny models)")
     f.add_argument("--gen-steps", type=int, default=None, help="inference steps for generated images (default 30)")
     f.add_argument("--include-eos", action="store_true", help="also mark end-of-text slots (authors' use_pooler)")
+    f.add_argument("--retain", action="append", default=None,
+                   help="a concept to keep (repeat): the UNet's outputs on its prompts are held to the base's")
+    f.add_argument("--retain-weight", type=float, default=None, help="weight of the retain loss (default 1)")
+    f.add_argument("--retain-samples", type=int, default=None,
+                   help="cached noisy latents per run for the retain loss (default 32)")
     f.add_argument("--lora-rank", type=int, default=4)
     f.add_argument("--lora-alpha", type=float, default=None)
     f.add_argument("--inversion", action="store_true", help="concept inversion (textual inversion) first")

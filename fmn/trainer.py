@@ -73,6 +73,9 @@ class ForgetOptions:
     guidance_scale: float = 7.5
     timesteps: tuple = (0, 1000)       # uniform in [lo, hi)
     include_eos: bool = False          # also mark end-of-text slots (authors' "use_pooler")
+    retain: tuple = ()                 # phrases to keep (not in the paper): their outputs held to the base's
+    retain_weight: float = 1.0         # weight of the retain loss
+    retain_samples: int = 32           # cached (noisy latent, timestep, retain prompt) -> base output
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
     max_grad_norm: float | None = None  # gradient clipping (off, as in effect in the authors' code)
@@ -129,6 +132,17 @@ class ForgetOptions:
         if self.backend not in ("auto", "triton", "reference"):
             bad(f"backend must be 'auto', 'triton' or 'reference', got {self.backend!r}")
         templates(self.template)  # validates
+        if isinstance(self.retain, str):
+            self.retain = (self.retain,)
+        if not isinstance(self.retain, (list, tuple)) or not all(isinstance(r, str) and r.strip()
+                                                                  for r in self.retain):
+            bad(f"retain must be a list of non-empty phrases, got {self.retain!r}")
+        self.retain = tuple(r.strip() for r in self.retain)
+        if not (self.retain_weight > 0 and math.isfinite(self.retain_weight)):
+            bad(f"retain_weight must be positive, got {self.retain_weight!r}")
+        if isinstance(self.retain_samples, bool) or not isinstance(self.retain_samples, int) \
+                or self.retain_samples < 1:
+            bad(f"retain_samples must be a positive int, got {self.retain_samples!r}")
 
     def record(self) -> dict:
         """The options as stored in the patch metadata."""
@@ -499,6 +513,9 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
     concepts = [c.strip() for c in concepts]
     if len(set(concepts)) != len(concepts):
         raise ValueError(f"concepts repeat: {concepts}")
+    both = sorted(set(concepts) & set(opts.retain))
+    if both:
+        raise ValueError(f"retain names concepts being forgotten: {both}")
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, torch.nn.Module):
         raise ValueError(f"{type(pipe).__name__} has no UNet: fmn supports Stable Diffusion 1.x/2.x/XL pipelines")
@@ -590,6 +607,13 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
             masks = torch.cat([concept_token_mask(parts[0][0], [p], [words[ci]], include_eos=opts.include_eos)
                                for p, ci in zip(prompts, concept_of)]).to(device)
         text = _Text(embeds.float(), None if pooled is None else pooled.float(), masks, concept_of)
+        retain_text = None
+        if opts.retain:
+            with torch.no_grad():
+                r_prompts = [t.format(r) for r in opts.retain for t in tpl]
+                r_embeds, r_pooled = encode_text(pipe, r_prompts, parts)
+            retain_text = _Text(r_embeds.float(), None if r_pooled is None else r_pooled.float(), None,
+                                [0] * len(r_prompts))
         del parts
         if opts.offload and device.type == "cuda":
             for n in ("vae", "text_encoder", "text_encoder_2"):
@@ -676,6 +700,32 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
                     scaler.scale(loss).backward()
             return loss_seen.item()
 
+        # retain cache: the base UNet's outputs for retain prompts on the concept's noisy latents
+        retain_cache = None
+        if retain_text is not None:
+            gr = torch.Generator(device="cpu").manual_seed(opts.seed + 4242)
+            k = opts.retain_samples
+            r_x0 = torch.stack([items[i][1] for i in torch.randint(len(items), (k,), generator=gr).tolist()])
+            r_idx = torch.randint(len(retain_text.embeds), (k,), generator=gr)
+            r_t = torch.randint(lo, hi, (k,), generator=gr).to(device)
+            r_noise = torch.randn(r_x0.shape, generator=gr).to(device)
+            a = alphas[r_t].view(-1, 1, 1, 1)
+            r_xt = a.sqrt() * r_x0 + (1 - a).sqrt() * r_noise
+            with torch.no_grad(), autocast():
+                r_out = torch.cat([_unet_call(model, r_xt[j:j + 8], r_t[j:j + 8], retain_text, r_idx[j:j + 8],
+                                              time_ids).float() for j in range(0, k, 8)])
+            retain_cache = (r_xt, r_t, r_idx, r_out)
+
+        def retain_loss(rows, backward=False):
+            """Mean squared change of the UNet's output on cached retain samples `rows`."""
+            r_xt, r_t, r_idx, r_out = retain_cache
+            with autocast():
+                out = _unet_call(model, r_xt[rows], r_t[rows], retain_text, r_idx[rows], time_ids)
+            loss = F.mse_loss(out.float(), r_out[rows])
+            if backward:
+                scaler.scale(opts.retain_weight * loss).backward()  # adds to the forgetting loss's gradients
+            return loss.detach().item()
+
         g = torch.Generator(device="cpu").manual_seed(opts.seed + 1 + 7919 * accel.process_index)
 
         def sample(n, gen):
@@ -698,13 +748,19 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
         with torch.no_grad():
             loss_before = step_loss(*eval_batch)
         t_train = time.perf_counter()
-        losses = []
+        losses, retain_losses = [], []
         from tqdm.auto import tqdm
         bar = tqdm(range(opts.steps), desc="forgetting " + ", ".join(concepts),
                    disable=not opts.progress or not accel.is_main_process)
         for step in bar:
             try:
                 value = step_loss(*sample(opts.batch_size, g), backward=True)
+                if retain_cache is not None:
+                    rows = torch.randint(opts.retain_samples, (opts.batch_size,), generator=g)
+                    r_value = retain_loss(rows, backward=True)
+                    if not math.isfinite(r_value):
+                        raise ForgetError(f"the retain loss became {r_value}; nothing was written. Try a lower lr.")
+                    retain_losses.append(r_value)
             except ForgetError as e:
                 raise ForgetError(f"step {step}: {e}") from None
             if opts.max_grad_norm:
@@ -719,6 +775,8 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
         t_train = time.perf_counter() - t_train
         with torch.no_grad():
             loss_after = step_loss(*eval_batch)
+            retain_after = (retain_loss(torch.arange(opts.retain_samples)) if retain_cache is not None
+                            else None)
         if not math.isfinite(loss_after) or not all(bool(torch.isfinite(p).all()) for p in params):
             raise ForgetError("the trained weights are not finite; nothing was written. Try a lower lr.")
         if accel.num_processes > 1:
@@ -764,6 +822,7 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
             "steps": opts.steps, "batch_size": opts.batch_size, "device": str(device),
             "peak_memory_bytes": _peak_memory(device), "peak_rss_bytes": _peak_rss(),
             "loss_before": loss_before, "loss_after": loss_after, "losses": losses,
+            "retain_loss_after": retain_after, "retain_losses": retain_losses or None,
             "n_trainable": n_trainable, "n_reference": len(items), "resolution": opts.resolution,
             "inverted_tokens": words if opts.inversion else None,
         }

@@ -117,10 +117,14 @@ def encode_pool(vae, x, bs=256):
 
 RECIPES = {
     # the shipped model: full CLIP vocabulary and SD's 77 slots, text encoder trained with the UNet
-    "joint": dict(frozen_text_encoder=False, small_vocabulary=False, text_slots=77, channels=(64, 128), steps=1600),
+    "joint": dict(frozen_text_encoder=False, small_vocabulary=False, text_slots=77, channels=(64, 128), steps=1600,
+                  text_layers=2),
     # reads its words (see the docstring): frozen standardized encoder, 8 slots, shuffled end slots
     "words": dict(frozen_text_encoder=True, small_vocabulary=True, text_slots=M.TEXT_SLOTS, channels=(32, 64),
-                  steps=3600),
+                  steps=3600, text_layers=2),
+    # each slot is its own word: a trained encoder without attention layers (see the docstring)
+    "tokens": dict(frozen_text_encoder=False, small_vocabulary=True, text_slots=M.TEXT_SLOTS, channels=(32, 64),
+                   steps=3600, text_layers=0),
 }
 
 
@@ -223,6 +227,7 @@ def main():
     ap.add_argument("--channels", type=int, nargs=2, default=None, help="default: the recipe's")
     ap.add_argument("--uncond-prob", type=float, default=0.1)
     ap.add_argument("--text-slots", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--text-layers", type=int, default=None, help="text encoder layers; default: the recipe's")
     ap.add_argument("--clean-frac", type=float, default=0.5,
                     help="words recipe: this share of the steps uses the empty prompt's end slots")
     ap.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0: off)")
@@ -231,7 +236,7 @@ def main():
     ap.add_argument("--fp32", action="store_true", help="store fp32 weights (default: fp16)")
     args = ap.parse_args()
     recipe = RECIPES[args.recipe]
-    for key in ("steps", "channels", "text_slots"):
+    for key in ("steps", "channels", "text_slots", "text_layers"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     frozen = recipe["frozen_text_encoder"]
@@ -271,7 +276,7 @@ def main():
     caption_ids = tokenize(tok, captions)
     row = {c: i for i, c in enumerate(captions)}
     torch.manual_seed(args.seed + 3)
-    te = M.build_text_encoder(tok)
+    te = M.build_text_encoder(tok, layers=args.text_layers)
     if frozen:  # random and frozen (see the docstring): encode every caption once
         te = te.eval().requires_grad_(False)
         standardize_outputs(te, caption_ids)

@@ -77,6 +77,38 @@ def test_loss_falls_and_held_out_concept_attention_falls(sd1):
     assert moved < 0.75 * (1 - after / before), (moved, after / before)
 
 
+def test_retain_holds_the_retained_concepts_outputs(sd1):
+    """retain=["dog"]: the UNet's outputs on dog prompts move far less than without it, while the
+    concept's attention loss still falls."""
+    kw = {**FAST, "steps": 20, "lr": 2e-4, "template": ["a photo of {}", "a drawing of a {}"]}
+    dog = ["a photo of dog", "a drawing of a dog"]
+    _, o0 = held_out_score(sd1, dog, "dog")
+    moved = {}
+    for retain in ((), ("dog",)):
+        pipe = copy.deepcopy(sd1)
+        patch = forget(pipe, "cat", images=latents(4), inplace=True, retain=retain, retain_weight=10.0, **kw)
+        s = patch.summary
+        assert s["loss_after"] < 0.9 * s["loss_before"]
+        _, o1 = held_out_score(pipe, dog, "dog")
+        moved[retain] = ((o1 - o0).norm() / o0.norm()).item()
+        if retain:
+            assert len(s["retain_losses"]) == 20 and s["retain_loss_after"] >= 0
+        else:
+            assert s["retain_losses"] is None and s["retain_loss_after"] is None
+    assert moved[("dog",)] < 0.5 * moved[()], moved
+
+
+def test_bad_retain_options_are_refused(sd1):
+    with pytest.raises(ValueError, match="retain names concepts being forgotten: \\['cat'\\]"):
+        forget(copy.deepcopy(sd1), "cat", images=latents(), retain=["dog", "cat"], **FAST)
+    with pytest.raises(ValueError, match="retain must be a list of non-empty phrases"):
+        forget(copy.deepcopy(sd1), "cat", images=latents(), retain=["dog", ""], **FAST)
+    with pytest.raises(ValueError, match="retain_weight must be positive"):
+        forget(copy.deepcopy(sd1), "cat", images=latents(), retain=["dog"], retain_weight=0, **FAST)
+    with pytest.raises(ValueError, match="retain_samples must be a positive int"):
+        forget(copy.deepcopy(sd1), "cat", images=latents(), retain=["dog"], retain_samples=0, **FAST)
+
+
 def test_specific_forgetting_on_the_toy_model():
     """On a trained model the concept's attention falls more than an unrelated concept's."""
     toy = pytest.importorskip("fmn.toy")

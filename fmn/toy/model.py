@@ -40,9 +40,10 @@ def build_tokenizer(text_slots: int = TEXT_SLOTS):
     return clip_tokenizer(pad_token="<|endoftext|>", model_max_length=text_slots, words=vocabulary())
 
 
-def build_text_encoder(tokenizer) -> CLIPTextModel:
+def build_text_encoder(tokenizer, layers: int = 2) -> CLIPTextModel:
+    """layers=0 gives an encoder without attention: each slot is LN(token + position embedding)."""
     cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, hidden_act="quick_gelu",
         projection_dim=TEXT_HIDDEN, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
