@@ -149,7 +149,7 @@ def cmd_forget(a):
         progress=not a.quiet, base_model=a.model or "fmn-toy")
     if a.model is None:  # the built-in toy model has its own tuned defaults (fmn/toy/defaults.py)
         from fmn.toy.defaults import forget_defaults
-        for key, value in forget_defaults().items():
+        for key, value in forget_defaults(a.concept).items():
             if given.get(key) is None and not (key == "lr" and a.train == "lora"):
                 given[key] = value
     try:

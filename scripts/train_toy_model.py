@@ -6,26 +6,23 @@ UNet2DConditionModel with cross-attention, DDPM/DDIM schedulers), so everything 
 runs on it. Two stages, both on the CPU, both reproducible from --seed:
   1. VAE: reconstruction (L1 + MSE) with a small KL term on 32 px images -> 4 x 16 x 16 latents;
      the latent scaling factor is set to 1 / std of the training latents (as SD does).
-  2. UNet (and, in the "joint" recipe, the text encoder), epsilon prediction on the VAE latents,
+  2. UNet (and, but in the "words" recipe, the text encoder), epsilon prediction on the VAE latents,
      10% empty captions (classifier-free guidance), min-SNR weighting, AdamW, warm-up + cosine decay.
 Recipes (--recipe):
-  joint  the shipped model (the default; this path reproduces it bit for bit): CLIP's full 49408-token
-         vocabulary and 77 slots, text encoder trained with the UNet (64, 128 channels), 1600 steps.
-         Its encoder writes the whole prompt into the ~72 end-of-text/padding slots and the UNet
-         reads only those (fmn.toy.slot_control: word 0.00, end 1.00), whereas SD 1.x/2.x keep CLIP
-         frozen and read their words (Toker et al. 2025, "Padding Tone").
-  words  a model that reads its words, as SD does: CLIP's BPE kept for the captions' words (588
-         tokens), 8 slots; a random CLIPTextModel, frozen, its final layer norm set to standardize
-         its outputs over the captions' slots (a random transformer's outputs share one direction,
-         norm 7.4 of 8, that drowns the words); the UNet (32, 64 channels, 3600 steps) never sees a
-         caption's own end slots: the empty prompt's for the first --clean-frac of the steps, then
-         another same-length caption's. Package 3.7 MB. Measured (2 seeds, 1 thread, seed 0):
-         slot_control word 1.00 / end 0.00; shape 0.96-0.98 but colour only 0.64-0.72 (purple 0.0);
-         and fmn forgetting is still not specific: "circle" at lr 4e-4 UA 0.3 (in-domain retain
-         0.93, cross-domain 0.69 of base), at 1e-3 UA 1.0 with retain 0.25 / 0.31. Without the
-         standardizing: colour 0.50-0.60, word 0.97, same forgetting picture; with 16 slots no text
-         conditioning appeared in 1600 of 2400 steps. Hence not shipped: reading the words alone does not
-         make token-level forgetting specific on a model this small.
+  tokens the shipped model (the default): CLIP's BPE kept for the captions' words (588 tokens), 8
+         slots; a CLIPTextModel without attention layers (each slot is layer-norm(token + position
+         embedding)) trained with the UNet (64, 128 channels), 1600 steps. Every slot holds its own
+         word, so the UNet must read its words, as SD 1.x/2.x's UNet does (slot_control word 1.00 /
+         end 0.00), and forgetting a word's column leaves the others: shape 1.00, colour 1.00.
+  joint  the model shipped before (reproduced bit for bit): full CLIP vocabulary, 77 slots, a 2-layer
+         causal encoder trained with the UNet. It writes the whole prompt into the ~72 end-of-text/
+         padding slots and the UNet reads only those (slot_control word 0.00, end 1.00), whereas SD
+         keeps CLIP frozen and reads its words (Toker et al. 2025, "Padding Tone"): forgetting on it
+         could not be specific (removing "circle" removed the colour of "a red circle" too).
+  words  a random frozen 2-layer encoder, standardized, 8 slots, the UNet (32, 64) never shown a
+         caption's own end slots: reads its words (word 1.00 / end 0.00) but colours stay weak
+         (0.64-0.72, purple 0.0); the tokens recipe at (32, 64) channels and 3600 steps also lost
+         blue and purple (colour 0.60), hence 64, 128 channels.
 A held-out probe logs the denoising loss with the true caption, another shape's word, another
 caption's end slots, and the empty prompt (a model that reads its words: word-swap >> true ~ end-swap).
 Earlier tries (not kept): joint training with the end slots pulled to the empty prompt's (the
@@ -34,8 +31,8 @@ learnt in 1400 steps); code in commit aa573b6.
 The pipeline is saved with safe_serialization into fmn/assets/toy/pipeline (weights stored in fp16
 unless --fp32; fmn.toy.load_default_pipeline loads them in fp32).
 
-    .venv/bin/python scripts/train_toy_model.py                  # the shipped model, ~25-40 min on 2 CPU cores
-    .venv/bin/python scripts/train_toy_model.py --recipe words --out runs/toy-words   # ~35 min on 1 core
+    .venv/bin/python scripts/train_toy_model.py                  # the shipped model, ~30 min on 2 CPU cores
+    .venv/bin/python scripts/train_toy_model.py --recipe joint --out runs/toy-joint   # the earlier model
 """
 from __future__ import annotations
 
@@ -123,8 +120,8 @@ RECIPES = {
     "words": dict(frozen_text_encoder=True, small_vocabulary=True, text_slots=M.TEXT_SLOTS, channels=(32, 64),
                   steps=3600, text_layers=2),
     # each slot is its own word: a trained encoder without attention layers (see the docstring)
-    "tokens": dict(frozen_text_encoder=False, small_vocabulary=True, text_slots=M.TEXT_SLOTS, channels=(32, 64),
-                   steps=3600, text_layers=0),
+    "tokens": dict(frozen_text_encoder=False, small_vocabulary=True, text_slots=M.TEXT_SLOTS, channels=(64, 128),
+                   steps=1600, text_layers=0),
 }
 
 
@@ -218,8 +215,8 @@ def main():
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--vae-pool", type=int, default=4000)
     ap.add_argument("--kl-weight", type=float, default=1e-3)
-    ap.add_argument("--recipe", choices=tuple(RECIPES), default="joint",
-                    help="joint: the shipped model; words: frozen encoder, shuffled end slots (see above)")
+    ap.add_argument("--recipe", choices=tuple(RECIPES), default="tokens",
+                    help="tokens: the shipped model; joint: the earlier one; words: frozen encoder (see above)")
     ap.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=8e-4)

@@ -258,7 +258,11 @@ def test_default_model_or_a_clear_error(tmp_path, capsys):
         shipped = False
     rc, err = run_err(["forget", "--concept", "circle", "--out", str(out), *FAST], capsys)
     if shipped:
-        assert rc == 0 and load_patch(out).concepts == ["circle"]
+        patch = load_patch(out)
+        assert rc == 0 and patch.concepts == ["circle"]
+        # the toy model's defaults fill what the command leaves unset: the other shapes are retained
+        assert patch.options["retain"] == ["square", "triangle", "star", "heart"]
+        assert patch.options["retain_weight"] == 4.0
     else:
         assert rc == 2 and "default model" in err and "--model" in err
         assert not out.exists()

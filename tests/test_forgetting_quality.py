@@ -1,9 +1,9 @@
 """Forgetting works on the built-in toy model: a small version of bench/bench_quality.py.
 
-Forget "circle" with fmn's default options for the toy model, then generate the 25-prompt set with
-2 seeds from the base and the patched model and classify. Fails when forgetting stops working
-(circles still drawn) or when it stops being specific (other shapes or the colours collapse).
-Bounds sit below the benchmark's figures (UA 0.9, retain 0.83 / 0.73 of base at 4 seeds) by
+Forget "circle" with fmn's default options for the toy model (retain term included), then generate
+the 25-prompt set with 2 seeds from the base and the patched model and classify. Fails when
+forgetting stops working (circles still drawn) or when it stops being specific (other shapes or the
+colours collapse). Bounds sit below the figures at 2 seeds (UA 0.9, retain 1.00 / 0.94 of base) by
 about the noise of 10 forgotten-prompt images and 40 retained ones.
 """
 import copy
@@ -29,13 +29,13 @@ def test_forgetting_a_shape_removes_it_and_keeps_the_rest(base):
     assert before["ua"] <= 0.1 and before["shape_acc"] >= 0.9  # the base model draws circles
 
     pipe = copy.deepcopy(base)
-    patch = fmn.forget(pipe, "circle", inplace=True, progress=False, **forget_defaults())
+    patch = fmn.forget(pipe, "circle", inplace=True, progress=False, **forget_defaults("circle"))
     assert patch.summary["loss_after"] < 0.5 * patch.summary["loss_before"]
     after = evaluate(pipe, forgotten="circle", seeds=SEEDS, classifier=classifier)
     rel = relative_to(after, before)
     assert after["ua"] >= 0.7, after["per_concept"]
-    assert rel["in_domain_retain_rel"] >= 0.6, after["per_shape"]
-    assert rel["cross_domain_retain_rel"] >= 0.5, after["per_color"]
+    assert rel["in_domain_retain_rel"] >= 0.85, after["per_shape"]
+    assert rel["cross_domain_retain_rel"] >= 0.8, after["per_color"]
 
     # the patch file reproduces it on a fresh copy of the base model
     fresh = fmn.apply(copy.deepcopy(base), patch)

@@ -103,9 +103,9 @@ def test_default_pipeline_loads_offline_and_makes_32px_images(pipe):
     from fmn.toy import default_model_path
     assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.unet, UNet2DConditionModel)
     assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
-    # SD 1.x's tokenizer cut to the captions' words (588 tokens), 77 slots padded with end-of-text
+    # SD 1.x's tokenizer cut to the captions' words (588 tokens), 8 slots padded with end-of-text
     assert pipe.tokenizer.vocab_size == 588 and pipe.tokenizer.pad_token == "<|endoftext|>"
-    assert pipe.tokenizer.model_max_length == 77
+    assert pipe.tokenizer.model_max_length == 8
     out = pipe("a red circle", num_inference_steps=2, output_type="np",
                generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 32, 32, 3)
@@ -145,11 +145,21 @@ def test_prune_vocabulary_keeps_every_caption_encoding_bit_identical():
 
 def test_slot_control_finds_where_the_model_reads_the_shape(pipe):
     """Swap one text slot group for another prompt's and see which one the image follows. The shipped
-    model (text encoder trained jointly with the UNet) reads the shape from its end-of-text and
-    padding slots, not from the shape's word: SD 1.x/2.x (frozen CLIP) read their words, so this is
-    what keeps token-level forgetting (fmn's attention loss) from being specific on the toy model.
-    A retrained model that reads its words flips both numbers and fails this test on purpose."""
+    model reads the shape from the shape's word, as SD 1.x/2.x do, which token-level forgetting
+    (fmn's attention loss) needs; the earlier model (text encoder with attention, trained jointly)
+    read it from its end-of-text and padding slots (word 0.00 / end 1.00) and fails this test."""
     from fmn.toy import load_classifier, slot_control
     c = slot_control(pipe, load_classifier(), seeds=[7], num_inference_steps=10)
-    # at 20 steps and 2 seeds the shipped model scores word 0.00 / end 1.00 (bench/results/toy_base.json)
-    assert c["word"] <= 0.2 and c["end"] >= 0.8, c
+    # at 20 steps and 2 seeds the shipped model scores word 1.00 / end 0.00 (bench/results/toy_base.json)
+    assert c["word"] >= 0.8 and c["end"] <= 0.2, c
+
+
+def test_toy_forget_defaults_retain_the_other_concepts_of_the_forgotten_domain():
+    from fmn.toy.defaults import forget_defaults, retain_for
+    assert retain_for("circle") == ["square", "triangle", "star", "heart"]
+    assert retain_for(["red"]) == ["green shape", "blue shape", "yellow shape", "purple shape"]
+    assert retain_for(["circle", "red"])[:4] == ["square", "triangle", "star", "heart"]
+    assert retain_for("a dragon") == [] and "retain" not in forget_defaults()
+    a, b = forget_defaults("circle"), forget_defaults("circle")
+    a["template"].append("x")
+    assert b["template"] == ["a {}", "a photo of a {}"]  # fresh copies

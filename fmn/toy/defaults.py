@@ -1,29 +1,47 @@
 """Forgetting options for the built-in toy model.
 
 `fmn forget` without --model uses them for every option the user leaves unset; bench_quality.py and
-the forgetting-quality test use them too. The paper's defaults (lr 2e-6, "a photo of {}") are for
-SD's 860 M-parameter UNet trained on billions of captions; the toy UNet is ~1000x smaller and its
-captions are "a red circle", "a photo of a circle", ..., so it needs a larger step and its own
-templates. Chosen by a sweep on "circle" (4 seeds x 25 prompts): lr 1e-4 / 2e-4 leave the shape
-(UA 0 / 0.1), 4e-4 forgets it (UA 0.9) at retain 0.83 (other shapes) / 0.73 (colours), 1e-3 forgets
-at retain 0.38 / 0.32. The model reads the shape from its end-of-text and padding slots, not from
-the word (fmn.toy.slot_control: word 0.00, end 1.00), and the attention loss steers the word's
-column: stronger steps then cost retention. Also tried (2 seeds): include_eos=True (the end slots
-marked too) leaves the shape at lr 1e-5 to 4e-4 (UA 0, retain >= 0.85); a preservation term keeping
-the UNet's outputs on other shapes' prompts (not kept) trades forgetting for retention: at lr 4e-4
-and weight 1 UA 0.3 / retain 0.70 / 0.74, at weight 4 UA 0.3 / retain 0.88 / 0.88.
+the forgetting-quality test use them too. The paper's defaults (lr 2e-6, 35 steps, "a photo of {}")
+are for SD's 860 M-parameter UNet trained on billions of captions; the toy UNet is ~200x smaller and
+its captions are "a red circle", "a photo of a circle", ..., so it needs a larger step, its own
+templates, and a retain term (not in the paper): the UNet's outputs on the other shapes' (or
+colours') prompts are held to the base model's. Without it, the attention loss forgets either
+nothing or everything at this scale: "circle", 35 steps, 2 seeds: lr 4e-4 UA 0.1 (retain 1.00 /
+1.00 of base), 1e-3 UA 1.0 with in-domain retain 0.38, cross-domain 0.46. With it (retain the
+other four shapes, weight 4): 150 steps at lr 1e-3 UA 0.9, retain 1.00 / 0.94-0.96; at lr 2e-3,
+100 steps UA 0.7, retain 1.00 / 0.86; retaining colours as well ("red shape", ...) keeps colours
+at 1.00 but holds the forgetting back (UA 0.3-0.5).
 """
+from fmn.toy.data import COLORS, SHAPES
 
 FORGET_DEFAULTS = {
-    "steps": 35,
-    "lr": 4e-4,
+    "steps": 150,
+    "lr": 1e-3,
     "template": ["a {}", "a photo of a {}"],
     "n_images": 8,
     "gen_steps": 20,
     "guidance_scale": 5.0,
+    "retain_weight": 4.0,
 }
 
 
-def forget_defaults() -> dict:
-    """A fresh copy of the toy model's forgetting options (fmn.forget keyword arguments)."""
-    return {k: (list(v) if isinstance(v, list) else v) for k, v in FORGET_DEFAULTS.items()}
+def retain_for(concepts) -> list[str]:
+    """The toy concepts to keep when forgetting `concepts`: the other shapes if a shape is forgotten,
+    the other colours ("green shape", ...) if a colour is; nothing for phrases the toy model lacks."""
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts or [])
+    out = []
+    if any(c in SHAPES for c in concepts):
+        out += [s for s in SHAPES if s not in concepts]
+    if any(c in COLORS for c in concepts):
+        out += [f"{c} shape" for c in COLORS if c not in concepts]
+    return out
+
+
+def forget_defaults(concepts=None) -> dict:
+    """A fresh copy of the toy model's forgetting options (fmn.forget keyword arguments); with
+    `concepts`, also what to retain (retain_for)."""
+    opts = {k: (list(v) if isinstance(v, list) else v) for k, v in FORGET_DEFAULTS.items()}
+    retain = retain_for(concepts)
+    if retain:
+        opts["retain"] = retain
+    return opts

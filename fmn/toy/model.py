@@ -2,11 +2,13 @@
 
 VAE: AutoencoderKL, 32 px RGB <-> 4 x 16 x 16 latents (down factor 2).
 Tokenizer: CLIPTokenizer with CLIP's BPE restricted to the captions' words (588 tokens; the words
-split as in SD 1.x's tokenizer, any other word into smaller pieces), padded with end-of-text; 77 slots
-in the shipped model, 8 in the "words" recipe.
-Text encoder: CLIPTextModel (hidden 64, 2 layers, causal, as in SD): trained with the UNet on the full
-49408-token vocabulary and then pruned to 588 rows (prune_vocabulary) in the shipped model; random and
-frozen in the "words" recipe.
+split as in SD 1.x's tokenizer, any other word into smaller pieces), padded with end-of-text; 8 slots
+(the "joint" recipe: 77).
+Text encoder: CLIPTextModel, hidden 64. Shipped ("tokens" recipe): no attention layers (each slot is
+layer-norm(token + position embedding)), trained with the UNet, so every slot holds its own word and
+the UNet reads its words, as SD's does. "joint" recipe: 2 causal layers trained with the UNet on the
+full vocabulary, then pruned (prune_vocabulary); it writes the prompt into the end slots. "words"
+recipe: 2 layers, random and frozen.
 UNet: UNet2DConditionModel with cross-attention (attn2) in every block, sample_size 16 -> 32 px images.
 Scheduler: DDPM for training (SD's scaled-linear betas, 1000 steps); DDIM saved for inference.
 """
