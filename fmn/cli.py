@@ -143,6 +143,7 @@ def cmd_forget(a):
         train=a.train, loss=a.loss, visual_weight=a.visual_weight, template=template, n_images=a.n_images,
         gen_steps=a.gen_steps, include_eos=a.include_eos, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
         retain=a.retain, retain_weight=a.retain_weight, retain_samples=a.retain_samples,
+        retain_images=a.retain_images,
         precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, backend=a.backend,
         inversion=a.inversion, inversion_steps=a.inversion_steps, inversion_tokens=a.inversion_tokens,
         patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--retain-weight", type=float, default=None, help="weight of the retain loss (default 1)")
     f.add_argument("--retain-samples", type=int, default=None,
                    help="cached noisy latents per run for the retain loss (default 32)")
+    f.add_argument("--retain-images", type=int, default=None,
+                   help="images generated per retained phrase for the retain loss (default: --n-images; "
+                        "0: use the forgotten concept's images)")
     f.add_argument("--lora-rank", type=int, default=4)
     f.add_argument("--lora-alpha", type=float, default=None)
     f.add_argument("--inversion", action="store_true", help="concept inversion (textual inversion) first")

@@ -76,6 +76,8 @@ class ForgetOptions:
     retain: tuple = ()                 # phrases to keep (not in the paper): their outputs held to the base's
     retain_weight: float = 1.0         # weight of the retain loss
     retain_samples: int = 32           # cached (noisy latent, timestep, retain prompt) -> base output
+    retain_images: int | None = None   # images generated per retain phrase (None: n_images); 0: noise the
+                                       # concept's own images instead (cheaper, holds less)
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
     max_grad_norm: float | None = None  # gradient clipping (off, as in effect in the authors' code)
@@ -143,6 +145,9 @@ class ForgetOptions:
         if isinstance(self.retain_samples, bool) or not isinstance(self.retain_samples, int) \
                 or self.retain_samples < 1:
             bad(f"retain_samples must be a positive int, got {self.retain_samples!r}")
+        if self.retain_images is not None and (isinstance(self.retain_images, bool)
+                                               or not isinstance(self.retain_images, int) or self.retain_images < 0):
+            bad(f"retain_images must be None or an int >= 0, got {self.retain_images!r}")
 
     def record(self) -> dict:
         """The options as stored in the patch metadata."""
@@ -592,6 +597,16 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
                 tgt = (_generate(pipe, ps, seeds, opts.resolution, opts, device, suppressed=[c])
                        if opts.loss != "attention" else [None] * len(x0))
                 items += [(ci, x, y) for x, y in zip(x0, tgt)]
+        # the retained phrases' own images (base model, before training): latents and prompt indices
+        # into retain_text (prompts are ordered phrase-major, template-minor)
+        n_retain = n_gen if opts.retain_images is None else opts.retain_images
+        r_items = []
+        if opts.retain and n_retain:
+            for ri, r in enumerate(opts.retain):
+                lat = _generate(pipe, [tpl[i % len(tpl)].format(r) for i in range(n_retain)],
+                                [opts.seed + 100_000 + 1000 * ri + i for i in range(n_retain)],
+                                opts.resolution, opts, device)
+                r_items += [(ri * len(tpl) + i % len(tpl), x) for i, x in enumerate(lat)]
         latent_hw = items[0][1].shape[-2:]
         if any(x.shape[-2:] != latent_hw for _, x, _ in items):
             raise ValueError("reference latents differ in size")
@@ -700,13 +715,19 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
                     scaler.scale(loss).backward()
             return loss_seen.item()
 
-        # retain cache: the base UNet's outputs for retain prompts on the concept's noisy latents
+        # retain cache: the base UNet's outputs for retain prompts on noisy latents of their own images
+        # (or, with retain_images=0, of the concept's images)
         retain_cache = None
         if retain_text is not None:
             gr = torch.Generator(device="cpu").manual_seed(opts.seed + 4242)
             k = opts.retain_samples
-            r_x0 = torch.stack([items[i][1] for i in torch.randint(len(items), (k,), generator=gr).tolist()])
-            r_idx = torch.randint(len(retain_text.embeds), (k,), generator=gr)
+            if r_items:
+                pick = torch.randint(len(r_items), (k,), generator=gr).tolist()
+                r_x0 = torch.stack([r_items[i][1] for i in pick])
+                r_idx = torch.tensor([r_items[i][0] for i in pick])
+            else:
+                r_x0 = torch.stack([items[i][1] for i in torch.randint(len(items), (k,), generator=gr).tolist()])
+                r_idx = torch.randint(len(retain_text.embeds), (k,), generator=gr)
             r_t = torch.randint(lo, hi, (k,), generator=gr).to(device)
             r_noise = torch.randn(r_x0.shape, generator=gr).to(device)
             a = alphas[r_t].view(-1, 1, 1, 1)

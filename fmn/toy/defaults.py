@@ -12,7 +12,7 @@ other four shapes, weight 4): 150 steps at lr 1e-3 UA 0.9, retain 1.00 / 0.94-0.
 100 steps UA 0.7, retain 1.00 / 0.86; retaining colours as well ("red shape", ...) keeps colours
 at 1.00 but holds the forgetting back (UA 0.3-0.5).
 """
-from fmn.toy.data import COLORS, SHAPES
+from fmn.toy.data import COLOR_TEMPLATES, COLORS, FULL_TEMPLATES, SHAPE_TEMPLATES, SHAPES
 
 FORGET_DEFAULTS = {
     "steps": 150,
@@ -25,15 +25,41 @@ FORGET_DEFAULTS = {
 }
 
 
+def _domains(concepts) -> tuple[list[str], bool, bool]:
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts or [])
+    return concepts, any(c in SHAPES for c in concepts), any(c in COLORS for c in concepts)
+
+
+def templates_for(concepts) -> list[str]:
+    """Forgetting templates: the model's own caption forms (fmn.toy.data) with the concept's slot left
+    as {} and the other domain's word rotated through, e.g. for a shape "a {}", "a photo of a {}", ...,
+    "a red {}", "a photo of a green {}", "a {} in yellow". The toy text encoder embeds each word with
+    its position, so forgetting "heart" only through "a {}" and "a photo of a {}" leaves "a red heart"
+    (the word in another slot) drawing hearts 60% of the time; the caption forms cover every slot.
+    Concepts of both domains, or none: the generic "a {}", "a photo of a {}"."""
+    concepts, shape, color = _domains(concepts)
+    if shape == color:
+        return list(FORGET_DEFAULTS["template"])
+    if shape:
+        fixed, other, slot = SHAPE_TEMPLATES, COLORS, "c"
+    else:
+        fixed, other, slot = COLOR_TEMPLATES, SHAPES, "s"
+    fixed = [t.replace("{s}" if shape else "{c}", "{}") for t in fixed]
+    full = [t.replace("{s}" if shape else "{c}", "{{}}").format(**{slot: other[i % len(other)]})
+            for i, t in enumerate(FULL_TEMPLATES)]
+    return fixed + full
+
+
 def retain_for(concepts) -> list[str]:
     """The toy concepts to keep when forgetting `concepts`: the other shapes if a shape is forgotten,
-    the other colours ("green shape", ...) if a colour is; nothing for phrases the toy model lacks."""
-    concepts = [concepts] if isinstance(concepts, str) else list(concepts or [])
+    the other colours if a colour is (as "green shape", ... if both domains are forgotten at once,
+    where the generic templates need a noun); nothing for phrases the toy model lacks."""
+    concepts, shape, color = _domains(concepts)
     out = []
-    if any(c in SHAPES for c in concepts):
+    if shape:
         out += [s for s in SHAPES if s not in concepts]
-    if any(c in COLORS for c in concepts):
-        out += [f"{c} shape" for c in COLORS if c not in concepts]
+    if color:
+        out += [c if not shape else f"{c} shape" for c in COLORS if c not in concepts]
     return out
 
 
@@ -41,6 +67,7 @@ def forget_defaults(concepts=None) -> dict:
     """A fresh copy of the toy model's forgetting options (fmn.forget keyword arguments); with
     `concepts`, also what to retain (retain_for)."""
     opts = {k: (list(v) if isinstance(v, list) else v) for k, v in FORGET_DEFAULTS.items()}
+    opts["template"] = templates_for(concepts)
     retain = retain_for(concepts)
     if retain:
         opts["retain"] = retain
