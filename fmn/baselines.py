@@ -24,8 +24,8 @@ def esd(pipe, concepts, latents, *, prompts=None, steps=35, lr=1e-5, negative_gu
     """Fine-tunes pipe.unet in place with ESD's negative-guidance loss; returns the per-step losses.
 
     concepts: list of concept phrases; latents: [n, C, h, w] x0 latents of the concepts' images,
-    `latents_of[i]` drawn at random each step; prompts: one prompt per concept (default the concept
-    phrase itself).
+    one drawn at random each step; prompts: prompts naming the concepts, one drawn at random each
+    step (default: the concept phrases themselves).
     """
     if isinstance(concepts, str):
         concepts = [concepts]

@@ -2,15 +2,27 @@
 
 `fmn forget` without --model uses them for every option the user leaves unset; bench_quality.py and
 the forgetting-quality test use them too. The paper's defaults (lr 2e-6, 35 steps, "a photo of {}")
-are for SD's 860 M-parameter UNet trained on billions of captions; the toy UNet is ~200x smaller and
-its captions are "a red circle", "a photo of a circle", ..., so it needs a larger step, its own
-templates, and a retain term (not in the paper): the UNet's outputs on the other shapes' (or
-colours') prompts are held to the base model's. Without it, the attention loss forgets either
-nothing or everything at this scale: "circle", 35 steps, 2 seeds: lr 4e-4 UA 0.1 (retain 1.00 /
-1.00 of base), 1e-3 UA 1.0 with in-domain retain 0.38, cross-domain 0.46. With it (retain the
-other four shapes, weight 4): 150 steps at lr 1e-3 UA 0.9, retain 1.00 / 0.94-0.96; at lr 2e-3,
-100 steps UA 0.7, retain 1.00 / 0.86; retaining colours as well ("red shape", ...) keeps colours
-at 1.00 but holds the forgetting back (UA 0.3-0.5).
+are for SD's 860 M-parameter UNet trained on billions of captions; the toy UNet is ~200x smaller, so
+it needs a larger step, its own templates (templates_for: the model's caption forms), and a retain
+term (not in the paper): the UNet's outputs on the other shapes' (or colours') prompts, on images
+the base model draws for them, are held to the base model's.
+
+How they were chosen (150 steps, lr 1e-3, 2 seeds x 25 prompts, UA / in-domain / cross-domain
+retain relative to base):
+- without the retain term the attention loss forgets either nothing or everything at this scale
+  ("circle", 35 steps: lr 4e-4 UA 0.1 at 1.00 / 1.00; lr 1e-3 UA 1.0 at 0.38 / 0.46);
+- only "a {}" and "a photo of a {}" as templates: "heart" is forgotten there ("a heart" draws
+  hearts 8% of the time) but not in "a red heart" (60%): the toy text encoder embeds each word with
+  its slot, and the evaluation prompts put the shape in another slot. UA heart 0.2, star 0.7,
+  circle 0.7. The caption forms: heart 1.0, star 1.0, circle 0.9, triangle 1.0;
+- retain cache on the concept's own images (retain_images=0) instead of the retained phrases' own:
+  star UA 0.3 with in-domain retain 0.62 (hearts lost), 0.70 / 0.92 with their own images;
+- retain weight 4 / 8 / 16: circle UA 0.9 / 1.0 / 0.6, heart 1.0 / 1.0 / 1.0, star 1.0 / 0.9 / 0.7;
+  in-domain retain 0.82-1.00 / 0.78-1.00 / 0.80-1.00; weight 8 held the retains best overall
+  (circle 0.95 / 1.00, heart 0.95 / 1.00, star 0.78 / 0.96, triangle 1.00 / 0.98). Batch 2 or 200
+  steps did not help (circle UA 0.7 with either), and results move by +-0.3 UA between such nearby
+  settings: which shape a prompt falls back to once its word is not read is partly chance (the
+  base model draws a circle for ~35% of "a red circle" prompts with "circle" zeroed: suppress's UA).
 """
 from fmn.toy.data import COLOR_TEMPLATES, COLORS, FULL_TEMPLATES, SHAPE_TEMPLATES, SHAPES
 
@@ -21,7 +33,7 @@ FORGET_DEFAULTS = {
     "n_images": 8,
     "gen_steps": 20,
     "guidance_scale": 5.0,
-    "retain_weight": 4.0,
+    "retain_weight": 8.0,
 }
 
 
