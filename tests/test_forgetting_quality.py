@@ -3,7 +3,7 @@
 Forget "circle" with fmn's default options for the toy model (retain term included), then generate
 the 25-prompt set with 2 seeds from the base and the patched model and classify. Fails when
 forgetting stops working (circles still drawn) or when it stops being specific (other shapes or the
-colours collapse). Bounds sit below the figures at 2 seeds (UA 0.9, retain 1.00 / 0.94 of base) by
+colours collapse). Bounds sit below the figures at 2 seeds (UA 1.0, retain 0.95 / 1.00 of base) by
 about the noise of 10 forgotten-prompt images and 40 retained ones.
 """
 import copy
