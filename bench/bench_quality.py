@@ -94,13 +94,13 @@ def main():
     tasks = [t.split("+") for t in (args.tasks or (["circle"] if args.quick else ["circle", "circle+square", "red"]))]
     base = load_default_pipeline(path=args.model)
     classifier = load_classifier()
-    opts = forget_defaults()  # the retain list is per task (forget_defaults(concepts))
+    task_options = {"+".join(c): forget_defaults(c) for c in tasks}  # templates and retain list are per task
     rows, grids = [], {}
 
     def write():
         write_json_atomic(args.out, {
             "benchmark": "forgetting quality on the built-in toy model", "machine": machine_info(),
-            "prompts": [p.prompt for p in prompt_set()], "seeds": seeds, "forget_options": opts,
+            "prompts": [p.prompt for p in prompt_set()], "seeds": seeds, "forget_options": task_options,
             "esd_lr": args.esd_lr, "lora_lr": args.lora_lr,
             "metrics": "UA = share of images from prompts naming a forgotten concept that do not show it; IRA = the "
                        "forgotten concepts' domain still right on prompts naming none of them; CRA = the other "

@@ -160,7 +160,7 @@ def test_toy_forget_defaults_retain_the_other_concepts_of_the_forgotten_domain()
     assert retain_for(["red"]) == ["green shape", "blue shape", "yellow shape", "purple shape"]
     assert retain_for(["circle", "red"]) == ["square", "triangle", "star", "heart",
                                               "green shape", "blue shape", "yellow shape", "purple shape"]
-    assert forget_defaults("red")["retain_images"] == 0 and "retain_images" not in forget_defaults("circle")
+    assert forget_defaults("red")["retain_weight"] == 4.0 and forget_defaults("circle")["retain_weight"] == 8.0
     assert retain_for("a dragon") == [] and "retain" not in forget_defaults()
     a, b = forget_defaults("circle"), forget_defaults("circle")
     a["template"].append("x")
