@@ -262,7 +262,8 @@ def test_default_model_or_a_clear_error(tmp_path, capsys):
         assert rc == 0 and patch.concepts == ["circle"]
         # the toy model's defaults fill what the command leaves unset: the other shapes are retained
         assert patch.options["retain"] == ["square", "triangle", "star", "heart"]
-        assert patch.options["retain_weight"] == 4.0
+        assert patch.options["retain_weight"] == 8.0 and patch.options["retain_images"] == 0
+        assert "a red {}" in patch.options["template"]  # the toy caption forms (fmn.toy.defaults.templates_for)
     else:
         assert rc == 2 and "default model" in err and "--model" in err
         assert not out.exists()
