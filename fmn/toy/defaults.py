@@ -26,7 +26,9 @@ retain relative to base):
   (circle 0.95 / 1.00, heart 0.95 / 1.00, star 0.78 / 0.96, triangle 1.00 / 0.98). Batch 2 or 200
   steps did not help (circle UA 0.7 with either), and results move by +-0.3 UA between such nearby
   settings: which shape a prompt falls back to once its word is not read is partly chance (the
-  base model draws a circle for ~35% of "a red circle" prompts with "circle" zeroed: suppress's UA).
+  base model draws a circle for ~35% of "a red circle" prompts with "circle" zeroed: suppress's UA);
+- adding the visual loss (loss="both") at a light weight did not lift it: circle at 4 seeds,
+  visual_weight 0.3 UA 0.5, 0.1 UA 0.7 (retain 1.00 / 0.92-0.94); at weight 1, UA 0.85 (0.93 / 0.92).
 """
 from fmn.toy.data import COLORS, FULL_TEMPLATES, SHAPE_TEMPLATES, SHAPES
 
