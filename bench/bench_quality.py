@@ -114,8 +114,8 @@ def main():
         grids[task] = args.out.parent / f"quality_{task}.png"
         for name in methods(args.quick, task_index == 0):
             torch.manual_seed(0)
-            task_opts = forget_defaults(concepts)
-            pipe, eval_kw, context, train_s = make_model(name, base, concepts, task_opts, args.esd_lr, args.lora_lr)
+            pipe, eval_kw, context, train_s = make_model(name, base, concepts, task_options[task], args.esd_lr,
+                                                         args.lora_lr)
             with context:
                 m = evaluate(pipe, forgotten=concepts, seeds=seeds, classifier=classifier, return_images=True,
                              **eval_kw)

@@ -21,8 +21,8 @@ retain relative to base):
   30 s); 2 or 4 images per phrase: UA 0.6 / 0.7. Own images held more on star (2 seeds, UA 0.9 at
   0.78 / 0.96 vs 0.5 at 0.72 / 0.98); colours did worse with them ("red" UA 0.4, retain 0.55 vs
   1.0 / 0.78);
-- retain weight 4 / 8 / 16 (with the retained shapes' own images): circle UA 0.9 / 1.0 / 0.6, heart 1.0 / 1.0 / 1.0, star 1.0 / 0.9 / 0.7;
-  in-domain retain 0.82-1.00 / 0.78-1.00 / 0.80-1.00; weight 8 held the retains best overall
+- retain weight 4 / 8 / 16 (with the retained shapes' own images): circle UA 0.9 / 1.0 / 0.6,
+  heart 1.0 / 1.0 / 1.0, star 1.0 / 0.9 / 0.7; in-domain retain 0.82-1.00 / 0.78-1.00 / 0.80-1.00; weight 8 held the retains best overall
   (circle 0.95 / 1.00, heart 0.95 / 1.00, star 0.78 / 0.96, triangle 1.00 / 0.98). Batch 2 or 200
   steps did not help (circle UA 0.7 with either), and results move by +-0.3 UA between such nearby
   settings: which shape a prompt falls back to once its word is not read is partly chance (the
