@@ -143,7 +143,7 @@ def cmd_forget(a):
         train=a.train, loss=a.loss, visual_weight=a.visual_weight, template=template, n_images=a.n_images,
         gen_steps=a.gen_steps, include_eos=a.include_eos, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
         retain=a.retain, retain_weight=a.retain_weight, retain_samples=a.retain_samples,
-        retain_images=a.retain_images,
+        retain_images=a.retain_images, anchor=_anchor_arg(a.anchor), anchor_weight=a.anchor_weight,
         precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, backend=a.backend,
         inversion=a.inversion, inversion_steps=a.inversion_steps, inversion_tokens=a.inversion_tokens,
         patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
@@ -177,6 +177,11 @@ def cmd_forget(a):
         if not a.quiet:
             print(f"grid          {a.grid}: rows {prompts}, 4 seeds base | 4 seeds patched")
     return 0
+
+
+def _anchor_arg(values):
+    """--anchor values; --anchor "" alone turns the built-in model's anchors off (an empty list)."""
+    return None if values is None else [v for v in values if v.strip()]
 
 
 def _retain_prompts(a) -> list:
@@ -356,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--retain-images", type=int, default=None,
                    help="images generated per retained phrase for the retain loss (default: --n-images; "
                         "0: use the forgotten concept's images)")
+    f.add_argument("--anchor", action="append", default=None,
+                   help="what the concept should become (repeat: one per concept): its prompts' outputs are pulled "
+                        "to the base model's with the anchor in its place (Concept Ablation); \"\" for none")
+    f.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor loss (default 1)")
     f.add_argument("--lora-rank", type=int, default=4)
     f.add_argument("--lora-alpha", type=float, default=None)
     f.add_argument("--inversion", action="store_true", help="concept inversion (textual inversion) first")

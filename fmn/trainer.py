@@ -78,6 +78,10 @@ class ForgetOptions:
     retain_samples: int = 32           # cached (noisy latent, timestep, retain prompt) -> base output
     retain_images: int | None = None   # images generated per retain phrase (None: n_images); 0: noise the
                                        # concept's own images instead (cheaper, holds less)
+    anchor: str | tuple = ()           # what each concept should become (Concept Ablation's anchor, not in the
+                                       # paper): one phrase, or one per concept; its outputs held to the base's
+                                       # with the anchor in the concept's place
+    anchor_weight: float = 1.0         # weight of the anchor loss
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
     max_grad_norm: float | None = None  # gradient clipping (off, as in effect in the authors' code)
@@ -148,6 +152,14 @@ class ForgetOptions:
         if self.retain_images is not None and (isinstance(self.retain_images, bool)
                                                or not isinstance(self.retain_images, int) or self.retain_images < 0):
             bad(f"retain_images must be None or an int >= 0, got {self.retain_images!r}")
+        if isinstance(self.anchor, str):
+            self.anchor = (self.anchor,) if self.anchor.strip() else ()
+        if not isinstance(self.anchor, (list, tuple)) or not all(isinstance(a, str) and a.strip()
+                                                                  for a in self.anchor):
+            bad(f"anchor must be a phrase or a list of non-empty phrases (one per concept), got {self.anchor!r}")
+        self.anchor = tuple(a.strip() for a in self.anchor)
+        if not (self.anchor_weight > 0 and math.isfinite(self.anchor_weight)):
+            bad(f"anchor_weight must be positive, got {self.anchor_weight!r}")
 
     def record(self) -> dict:
         """The options as stored in the patch metadata."""
@@ -521,6 +533,11 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
     both = sorted(set(concepts) & set(opts.retain))
     if both:
         raise ValueError(f"retain names concepts being forgotten: {both}")
+    anchors = list(opts.anchor) * len(concepts) if len(opts.anchor) == 1 else list(opts.anchor)
+    if anchors and len(anchors) != len(concepts):
+        raise ValueError(f"anchor must be one phrase or one per concept ({len(concepts)}), got {len(anchors)}")
+    if set(anchors) & set(concepts):
+        raise ValueError(f"anchor names concepts being forgotten: {sorted(set(anchors) & set(concepts))}")
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, torch.nn.Module):
         raise ValueError(f"{type(pipe).__name__} has no UNet: fmn supports Stable Diffusion 1.x/2.x/XL pipelines")
@@ -607,6 +624,12 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
                                 [opts.seed + 100_000 + 1000 * ri + i for i in range(n_retain)],
                                 opts.resolution, opts, device)
                 r_items += [(ri * len(tpl) + i % len(tpl), x) for i, x in enumerate(lat)]
+        # the anchors' images (base model, same seeds as the concept's): (concept index, latent)
+        a_items = []
+        for ci, a in enumerate(anchors):
+            lat = _generate(pipe, [tpl[i % len(tpl)].format(a) for i in range(n_gen)],
+                            [opts.seed + 1000 * ci + i for i in range(n_gen)], opts.resolution, opts, device)
+            a_items += [(ci, x) for x in lat]
         latent_hw = items[0][1].shape[-2:]
         if any(x.shape[-2:] != latent_hw for _, x, _ in items):
             raise ValueError("reference latents differ in size")
@@ -629,6 +652,12 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
                 r_embeds, r_pooled = encode_text(pipe, r_prompts, parts)
             retain_text = _Text(r_embeds.float(), None if r_pooled is None else r_pooled.float(), None,
                                 [0] * len(r_prompts))
+        anchor_text = None
+        if anchors:  # the concept's prompts with the anchor in its place, in the same order
+            with torch.no_grad():
+                a_embeds, a_pooled = encode_text(pipe, [tpl[i % len(tpl)].format(anchors[ci]) for ci in
+                                                        range(len(concepts)) for i in range(len(tpl))], parts)
+            anchor_text = _Text(a_embeds.float(), None if a_pooled is None else a_pooled.float(), None, concept_of)
         del parts
         if opts.offload and device.type == "cuda":
             for n in ("vae", "text_encoder", "text_encoder_2"):
@@ -715,12 +744,23 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
                     scaler.scale(loss).backward()
             return loss_seen.item()
 
+        def base_outputs(x_t, t, target_text, idx):
+            """The base UNet's outputs (before any step), in chunks of 8."""
+            with torch.no_grad(), autocast():
+                return torch.cat([_unet_call(model, x_t[j:j + 8], t[j:j + 8], target_text, idx[j:j + 8],
+                                             time_ids).float() for j in range(0, len(idx), 8)])
+
+        def noised(x0, gen):
+            t = torch.randint(lo, hi, (len(x0),), generator=gen).to(device)
+            a = alphas[t].view(-1, 1, 1, 1)
+            return a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=gen).to(device), t
+
         # retain cache: the base UNet's outputs for retain prompts on noisy latents of their own images
         # (or, with retain_images=0, of the concept's images)
+        k = opts.retain_samples
         retain_cache = None
         if retain_text is not None:
             gr = torch.Generator(device="cpu").manual_seed(opts.seed + 4242)
-            k = opts.retain_samples
             if r_items:
                 pick = torch.randint(len(r_items), (k,), generator=gr).tolist()
                 r_x0 = torch.stack([r_items[i][1] for i in pick])
@@ -728,23 +768,27 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
             else:
                 r_x0 = torch.stack([items[i][1] for i in torch.randint(len(items), (k,), generator=gr).tolist()])
                 r_idx = torch.randint(len(retain_text.embeds), (k,), generator=gr)
-            r_t = torch.randint(lo, hi, (k,), generator=gr).to(device)
-            r_noise = torch.randn(r_x0.shape, generator=gr).to(device)
-            a = alphas[r_t].view(-1, 1, 1, 1)
-            r_xt = a.sqrt() * r_x0 + (1 - a).sqrt() * r_noise
-            with torch.no_grad(), autocast():
-                r_out = torch.cat([_unet_call(model, r_xt[j:j + 8], r_t[j:j + 8], retain_text, r_idx[j:j + 8],
-                                              time_ids).float() for j in range(0, k, 8)])
-            retain_cache = (r_xt, r_t, r_idx, r_out)
+            r_xt, r_t = noised(r_x0, gr)
+            retain_cache = (retain_text, r_xt, r_t, r_idx, base_outputs(r_xt, r_t, retain_text, r_idx))
+        # anchor cache (Concept Ablation's model-based target): noisy latents of the anchors' images with a
+        # concept prompt, and the base UNet's outputs for that prompt with the anchor in the concept's place
+        anchor_cache = None
+        if anchor_text is not None:
+            ga = torch.Generator(device="cpu").manual_seed(opts.seed + 4343)
+            pick = torch.randint(len(a_items), (k,), generator=ga).tolist()
+            a_idx = torch.tensor([int(text.by_concept[a_items[i][0]][torch.randint(tpl_n, (1,), generator=ga)])
+                                  for i in pick])
+            a_xt, a_t = noised(torch.stack([a_items[i][1] for i in pick]), ga)
+            anchor_cache = (text, a_xt, a_t, a_idx, base_outputs(a_xt, a_t, anchor_text, a_idx))
 
-        def retain_loss(rows, backward=False):
-            """Mean squared change of the UNet's output on cached retain samples `rows`."""
-            r_xt, r_t, r_idx, r_out = retain_cache
+        def cached_loss(cache, rows, weight=1.0, backward=False):
+            """Mean squared difference of the UNet's outputs on cached samples `rows` from their targets."""
+            c_text, c_xt, c_t, c_idx, c_out = cache
             with autocast():
-                out = _unet_call(model, r_xt[rows], r_t[rows], retain_text, r_idx[rows], time_ids)
-            loss = F.mse_loss(out.float(), r_out[rows])
+                out = _unet_call(model, c_xt[rows], c_t[rows], c_text, c_idx[rows], time_ids)
+            loss = F.mse_loss(out.float(), c_out[rows])
             if backward:
-                scaler.scale(opts.retain_weight * loss).backward()  # adds to the forgetting loss's gradients
+                scaler.scale(weight * loss).backward()  # adds to the forgetting loss's gradients
             return loss.detach().item()
 
         g = torch.Generator(device="cpu").manual_seed(opts.seed + 1 + 7919 * accel.process_index)
@@ -769,19 +813,21 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
         with torch.no_grad():
             loss_before = step_loss(*eval_batch)
         t_train = time.perf_counter()
-        losses, retain_losses = [], []
+        losses, retain_losses, anchor_losses = [], [], []
         from tqdm.auto import tqdm
         bar = tqdm(range(opts.steps), desc="forgetting " + ", ".join(concepts),
                    disable=not opts.progress or not accel.is_main_process)
         for step in bar:
             try:
                 value = step_loss(*sample(opts.batch_size, g), backward=True)
-                if retain_cache is not None:
-                    rows = torch.randint(opts.retain_samples, (opts.batch_size,), generator=g)
-                    r_value = retain_loss(rows, backward=True)
-                    if not math.isfinite(r_value):
-                        raise ForgetError(f"the retain loss became {r_value}; nothing was written. Try a lower lr.")
-                    retain_losses.append(r_value)
+                for name, cache, weight, seen in (("retain", retain_cache, opts.retain_weight, retain_losses),
+                                                  ("anchor", anchor_cache, opts.anchor_weight, anchor_losses)):
+                    if cache is None:
+                        continue
+                    value_c = cached_loss(cache, torch.randint(k, (opts.batch_size,), generator=g), weight, True)
+                    if not math.isfinite(value_c):
+                        raise ForgetError(f"the {name} loss became {value_c}; nothing was written. Try a lower lr.")
+                    seen.append(value_c)
             except ForgetError as e:
                 raise ForgetError(f"step {step}: {e}") from None
             if opts.max_grad_norm:
@@ -796,8 +842,8 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
         t_train = time.perf_counter() - t_train
         with torch.no_grad():
             loss_after = step_loss(*eval_batch)
-            retain_after = (retain_loss(torch.arange(opts.retain_samples)) if retain_cache is not None
-                            else None)
+            retain_after = cached_loss(retain_cache, torch.arange(k)) if retain_cache is not None else None
+            anchor_after = cached_loss(anchor_cache, torch.arange(k)) if anchor_cache is not None else None
         if not math.isfinite(loss_after) or not all(bool(torch.isfinite(p).all()) for p in params):
             raise ForgetError("the trained weights are not finite; nothing was written. Try a lower lr.")
         if accel.num_processes > 1:
@@ -844,6 +890,7 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
             "peak_memory_bytes": _peak_memory(device), "peak_rss_bytes": _peak_rss(),
             "loss_before": loss_before, "loss_after": loss_after, "losses": losses,
             "retain_loss_after": retain_after, "retain_losses": retain_losses or None,
+            "anchor_loss_after": anchor_after, "anchor_losses": anchor_losses or None,
             "n_trainable": n_trainable, "n_reference": len(items), "resolution": opts.resolution,
             "inverted_tokens": words if opts.inversion else None,
         }

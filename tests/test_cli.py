@@ -264,6 +264,13 @@ def test_default_model_or_a_clear_error(tmp_path, capsys):
         assert patch.options["retain"] == ["square", "triangle", "star", "heart"]
         assert patch.options["retain_weight"] == 8.0 and patch.options["retain_images"] == 0
         assert "a red {}" in patch.options["template"]  # the toy caption forms (fmn.toy.defaults.templates_for)
+        assert patch.options["anchor"] == ["square"] and patch.options["anchor_weight"] == 16.0
+        assert patch.summary["anchor_losses"] is not None
+        # --anchor "" turns the toy model's anchor off; --anchor sets another
+        for flag, want in (("", []), ("star", ["star"])):
+            out2 = tmp_path / f"p-{flag or 'none'}.safetensors"
+            assert main(["forget", "--concept", "circle", "--out", str(out2), "--anchor", flag, *FAST]) == 0
+            assert load_patch(out2).options["anchor"] == want
     else:
         assert rc == 2 and "default model" in err and "--model" in err
         assert not out.exists()

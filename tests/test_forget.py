@@ -101,6 +101,39 @@ def test_retain_holds_the_retained_concepts_outputs(sd1):
     assert moved[("dog",), 0] < 0.5 * moved[(), None], moved
 
 
+def test_anchor_pulls_the_concept_towards_the_anchor(sd1):
+    """anchor="dog": the UNet's outputs on cat prompts stay far closer to the base model's outputs on the
+    same prompts with "dog" in place of "cat" (Concept Ablation's target) than without the anchor (on this
+    random model cat and dog start nearly equal, and the attention loss moves both runs' outputs)."""
+    kw = {**FAST, "steps": 20, "lr": 2e-4, "template": ["a photo of {}", "a drawing of a {}"]}
+    cat, dog = ["a photo of cat", "a drawing of a cat"], ["a photo of dog", "a drawing of a dog"]
+    _, base_dog = held_out_score(sd1, dog, "dog")
+    _, base_cat = held_out_score(sd1, cat, "cat")
+    gap0 = (base_cat - base_dog).norm().item()
+    gap = {}
+    for anchor in ((), "dog"):
+        pipe = copy.deepcopy(sd1)
+        s = forget(pipe, "cat", images=latents(4), inplace=True, anchor=anchor, anchor_weight=10.0, **kw).summary
+        _, out = held_out_score(pipe, cat, "cat")
+        gap[anchor] = (out - base_dog).norm().item() / gap0
+        if anchor:
+            assert len(s["anchor_losses"]) == 20 and s["anchor_loss_after"] < s["anchor_losses"][0]
+        else:
+            assert s["anchor_losses"] is None and s["anchor_loss_after"] is None
+    assert gap["dog"] < 0.4 * gap[()], gap
+
+
+def test_bad_anchor_options_are_refused(sd1):
+    with pytest.raises(ValueError, match="anchor must be one phrase or one per concept \\(2\\), got 3"):
+        forget(copy.deepcopy(sd1), ["cat", "dog"], images=latents(), anchor=["a", "b", "c"], **FAST)
+    with pytest.raises(ValueError, match="anchor names concepts being forgotten: \\['dog'\\]"):
+        forget(copy.deepcopy(sd1), ["cat", "dog"], images=latents(), anchor=["dog", "fox"], **FAST)
+    with pytest.raises(ValueError, match="anchor must be a phrase or a list of non-empty phrases"):
+        forget(copy.deepcopy(sd1), "cat", images=latents(), anchor=["dog", " "], **FAST)
+    with pytest.raises(ValueError, match="anchor_weight must be positive"):
+        forget(copy.deepcopy(sd1), "cat", images=latents(), anchor="dog", anchor_weight=float("nan"), **FAST)
+
+
 def test_bad_retain_options_are_refused(sd1):
     with pytest.raises(ValueError, match="retain names concepts being forgotten: \\['cat'\\]"):
         forget(copy.deepcopy(sd1), "cat", images=latents(), retain=["dog", "cat"], **FAST)

@@ -42,6 +42,7 @@ FORGET_DEFAULTS = {
     "retain_weight": 8.0,
     "retain_images": 0,
 }
+ANCHOR_WEIGHT, ANCHOR_STEPS = 16.0, 100  # shapes, with their anchor; steps per forgotten shape
 
 
 def _domains(concepts) -> tuple[list[str], bool, bool]:
@@ -76,6 +77,18 @@ def retain_for(concepts) -> list[str]:
     return out
 
 
+def anchor_for(concepts) -> list[str]:
+    """What each forgotten shape should become (ForgetOptions.anchor): the next shape in SHAPES that is
+    not forgotten (circle -> square, ..., heart -> circle). Nothing for colours or mixed concepts."""
+    concepts, shape, color = _domains(concepts)
+    if not shape or color or not all(c in SHAPES for c in concepts):
+        return []
+    kept = [s for s in SHAPES if s not in concepts]
+    if not kept:
+        return []
+    return [next(s for s in SHAPES[SHAPES.index(c) + 1:] + SHAPES if s in kept) for c in concepts]
+
+
 def forget_defaults(concepts=None) -> dict:
     """A fresh copy of the toy model's forgetting options (fmn.forget keyword arguments); with
     `concepts`, also their templates (templates_for) and what to retain (retain_for). Colours alone
@@ -85,6 +98,10 @@ def forget_defaults(concepts=None) -> dict:
     retain = retain_for(concepts)
     if retain:
         opts["retain"] = retain
+    anchor = anchor_for(concepts)
+    if anchor:
+        opts["anchor"], opts["anchor_weight"] = anchor, ANCHOR_WEIGHT
+        opts["steps"] = ANCHOR_STEPS * len(anchor)
     _, shape, color = _domains(concepts)
     if color and not shape:
         opts["retain_weight"] = 4.0
