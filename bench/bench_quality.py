@@ -8,10 +8,11 @@ shipped classifier, and report:
   CRA  cross-domain retain accuracy (the other attribute still right, on all prompts), also relative
   time seconds spent making the method's model (training), and generating the evaluation images
 Methods: the base model; a negative prompt; fmn.suppress (attention zeroed, no training); ESD-x
-(negative-guidance fine-tune of attn2, same steps and reference images, its lr swept like fmn's); fmn forget
-with the toy defaults (attention loss, attn2, retain term) and without the retain term (the paper's
-method as is), and on the first task each loss (attention, visual, both) and trainable set (attn2,
-attn2-kv, unet, lora).
+(negative-guidance fine-tune of attn2, 150 steps as fmn without an anchor, the same reference images,
+its lr swept like fmn's); fmn forget with the toy defaults (attention loss, attn2, retain term, and for
+shapes an anchor shape), without the anchor (150 steps), without anchor and retain (the paper's method
+as is), and on the first task each loss (attention, visual, both) and trainable set (attn2, attn2-kv,
+unet, lora) with the defaults' other options.
 Writes bench/results/quality_cpu.json, a table, and quality_<task>.png grids (base | each method).
 
     python bench/bench_quality.py [--quick] [--seeds 4] [--tasks circle circle+square red]
@@ -30,20 +31,22 @@ from common import RESULTS, machine_info, print_table, write_json_atomic  # noqa
 import fmn  # noqa: E402
 from fmn.baselines import esd  # noqa: E402
 from fmn.toy import COLORS, SHAPES, evaluate, load_classifier, load_default_pipeline, prompt_set, relative_to, save_grid  # noqa: E402
-from fmn.toy.defaults import forget_defaults  # noqa: E402
+from fmn.toy.defaults import FORGET_DEFAULTS, forget_defaults  # noqa: E402
 
-FMN_VARIANTS = ["fmn attention / attn2", "fmn attention / attn2, no retain", "fmn attention / attn2-kv",
-                "fmn attention / unet", "fmn attention / lora", "fmn visual / attn2", "fmn both / attn2"]
+FMN_VARIANTS = ["fmn attention / attn2", "fmn attention / attn2, no anchor", "fmn attention / attn2, no anchor, no retain",
+                "fmn attention / attn2-kv", "fmn attention / unet", "fmn attention / lora", "fmn visual / attn2",
+                "fmn both / attn2"]
 
 
-def methods(quick, first_task):
-    """Every method on the first task; the baselines, fmn's default and fmn without the retain term
-    on the others (CPU time)."""
+def methods(quick, first_task, anchored):
+    """Every method on the first task; the baselines, fmn's defaults and fmn without the anchor (if the
+    defaults have one) and without anchor and retain on the others (CPU time)."""
     names = ["base", "negative prompt", "suppress", "esd-x"]
-    return names + (FMN_VARIANTS if first_task and not quick else FMN_VARIANTS[:2])
+    fmn_names = FMN_VARIANTS if first_task and not quick else FMN_VARIANTS[:3]
+    return names + [n for n in fmn_names if anchored or "no anchor" not in n]
 
 
-def make_model(name, base, concepts, opts, esd_lr, lora_lr):
+def make_model(name, base, concepts, esd_lr, lora_lr):
     """(pipeline to evaluate, extra evaluate() kwargs, context manager, training seconds)."""
     from contextlib import nullcontext
     if name == "base":
@@ -54,6 +57,8 @@ def make_model(name, base, concepts, opts, esd_lr, lora_lr):
         return base, {}, fmn.suppress(base, concepts), 0.0
     pipe = copy.deepcopy(base)
     start = time.perf_counter()
+    drops = name.split(", ")[1:]
+    opts = forget_defaults(concepts, anchor="no anchor" not in drops and name != "esd-x")
     if name == "esd-x":
         # ESD's prompts name the concept alone (its paper: the concept's name): the templates that name no
         # other shape or colour (ESD on "a red {}" learns to steer away from red too: CRA 0.0 on "circle");
@@ -67,10 +72,10 @@ def make_model(name, base, concepts, opts, esd_lr, lora_lr):
                        guidance_scale=opts["guidance_scale"]).images
         esd(pipe, concepts, latents, prompts=prompts, steps=opts["steps"], lr=esd_lr, train="attn2")
     else:
-        loss, train = name.removeprefix("fmn ").removesuffix(", no retain").split(" / ")
+        loss, train = name.removeprefix("fmn ").split(", ")[0].split(" / ")
         kw = dict(opts, lr=lora_lr) if train == "lora" else dict(opts)
-        if name.endswith(", no retain"):
-            kw.pop("retain", None)  # the paper's method as is
+        if "no retain" in drops:
+            kw.pop("retain", None)  # with "no anchor": the paper's method as is
         fmn.forget(pipe, concepts, loss=loss, train=train, inplace=True, progress=False, **kw)
     return pipe, {}, nullcontext(), time.perf_counter() - start
 
@@ -94,14 +99,14 @@ def main():
     tasks = [t.split("+") for t in (args.tasks or (["circle"] if args.quick else ["circle", "circle+square", "red"]))]
     base = load_default_pipeline(path=args.model)
     classifier = load_classifier()
-    task_options = {"+".join(c): forget_defaults(c) for c in tasks}  # templates and retain list are per task
+    task_options = {"+".join(c): forget_defaults(c) for c in tasks}  # templates, retain, anchor are per task
     rows, grids = [], {}
 
     def write():
         write_json_atomic(args.out, {
             "benchmark": "forgetting quality on the built-in toy model", "machine": machine_info(),
             "prompts": [p.prompt for p in prompt_set()], "seeds": seeds, "forget_options": task_options,
-            "esd_lr": args.esd_lr, "lora_lr": args.lora_lr,
+            "esd_lr": args.esd_lr, "esd_steps": FORGET_DEFAULTS["steps"], "lora_lr": args.lora_lr,
             "metrics": "UA = share of images from prompts naming a forgotten concept that do not show it; IRA = the "
                        "forgotten concepts' domain still right on prompts naming none of them; CRA = the other "
                        "domain still right on all prompts; *_rel = divided by the base model's value",
@@ -112,10 +117,9 @@ def main():
         base_metrics = None
         panels = {}
         grids[task] = args.out.parent / f"quality_{task}.png"
-        for name in methods(args.quick, task_index == 0):
+        for name in methods(args.quick, task_index == 0, bool(task_options[task].get("anchor"))):
             torch.manual_seed(0)
-            pipe, eval_kw, context, train_s = make_model(name, base, concepts, task_options[task], args.esd_lr,
-                                                         args.lora_lr)
+            pipe, eval_kw, context, train_s = make_model(name, base, concepts, args.esd_lr, args.lora_lr)
             with context:
                 m = evaluate(pipe, forgotten=concepts, seeds=seeds, classifier=classifier, return_images=True,
                              **eval_kw)

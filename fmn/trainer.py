@@ -13,7 +13,11 @@ and added time ids). Steps:
    encoders: the pipeline is not touched), after which the new tokens are the concept;
 4. text encoded once; the training loop: uniform timesteps, DDPM noise, the attention loss
    (`fmn.attention.concept_scores`, fused kernels), the visual denoising loss, or both; AdamW;
-   trainable set attn2 (default), attn2-kv, unet, or a LoRA on attn2 (peft);
+   trainable set attn2 (default), attn2-kv, unet, or a LoRA on attn2 (peft); optional terms not in
+   the paper, each on a cache of (noisy latent, timestep, prompt) -> base UNet output made before the
+   first step: `retain` (the retained phrases' outputs held to the base's) and `anchor` (Concept
+   Ablation, Kumari et al. 2023: on noisy images of the anchor, the concept's prompts are pulled to the
+   base's outputs for the same prompts with the anchor in the concept's place);
 5. the patch: only what changed (see fmn.patch), with a fingerprint of the base tensors.
 
 The pipeline comes back with its original weights (inplace=False, the default) or with the
@@ -949,7 +953,9 @@ def format_summary(patch: Patch, path=None) -> str:
         f"time          {s['seconds_total']:.2f} s total, {s['seconds_train']:.2f} s for {s['steps']} steps "
         f"(batch {s['batch_size']}, {s['device']})",
         f"peak memory   {mem}",
-        f"loss          {s['loss_before']:.5g} -> {s['loss_after']:.5g}",
+        f"loss          {s['loss_before']:.5g} -> {s['loss_after']:.5g}"
+        + "".join(f", {k} {s[k + '_losses'][0]:.3g} -> {s[k + '_loss_after']:.3g}" for k in ("retain", "anchor")
+                  if s.get(k + "_losses")),
         f"patch         {patch.kind}, {len(patch.tensors)} tensors, {size / 2**20:.2f} MiB"
         + (f" -> {path}" if path else ""),
     ]

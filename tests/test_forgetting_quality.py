@@ -1,10 +1,10 @@
 """Forgetting works on the built-in toy model: a small version of bench/bench_quality.py.
 
-Forget "circle" with fmn's default options for the toy model (retain term included), then generate
-the 25-prompt set with 2 seeds from the base and the patched model and classify. Fails when
+Forget "circle" with fmn's default options for the toy model (retain term and anchor included), then
+generate the 25-prompt set with 2 seeds from the base and the patched model and classify. Fails when
 forgetting stops working (circles still drawn) or when it stops being specific (other shapes or the
-colours collapse). Bounds sit below the figures at 2 seeds (UA 1.0, retain 0.95 / 1.00 of base) by
-about the noise of 10 forgotten-prompt images and 40 retained ones.
+colours collapse). Bounds sit below the figures at 2 seeds (UA 1.0, retain 1.00 / 1.00 of base) by
+about the noise of 10 forgotten-prompt images (2 of them) and 40 retained ones (4).
 """
 import copy
 
@@ -29,14 +29,15 @@ def test_forgetting_a_shape_removes_it_and_keeps_the_rest(base):
     assert before["ua"] <= 0.1 and before["shape_acc"] >= 0.9  # the base model draws circles
 
     pipe = copy.deepcopy(base)
-    # reference backend: the kernels have their own tests, and under the interpreter 150 steps take minutes
+    # reference backend: the kernels have their own tests, and under the interpreter 100 steps take minutes
     patch = fmn.forget(pipe, "circle", inplace=True, progress=False, backend="reference", **forget_defaults("circle"))
     assert patch.summary["loss_after"] < 0.5 * patch.summary["loss_before"]
     after = evaluate(pipe, forgotten="circle", seeds=SEEDS, classifier=classifier)
     rel = relative_to(after, before)
-    assert after["ua"] >= 0.7, after["per_concept"]
-    assert rel["in_domain_retain_rel"] >= 0.85, after["per_shape"]
-    assert rel["cross_domain_retain_rel"] >= 0.8, after["per_color"]
+    assert after["ua"] >= 0.8, after["per_concept"]
+    assert rel["in_domain_retain_rel"] >= 0.9, after["per_shape"]
+    assert rel["cross_domain_retain_rel"] >= 0.9, after["per_color"]
+    assert patch.summary["anchor_loss_after"] < patch.summary["anchor_losses"][0]
 
     # the patch file reproduces it on a fresh copy of the base model
     fresh = fmn.apply(copy.deepcopy(base), patch)

@@ -164,7 +164,21 @@ def test_toy_forget_defaults_retain_the_other_concepts_of_the_forgotten_domain()
     assert retain_for("a dragon") == [] and "retain" not in forget_defaults()
     a, b = forget_defaults("circle"), forget_defaults("circle")
     a["template"].append("x")
+    a["anchor"].append("x")
+    assert b["anchor"] == ["square"]
     assert "x" not in b["template"]  # fresh copies
+
+
+def test_toy_forget_defaults_anchor_each_forgotten_shape_on_the_next_kept_one():
+    from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS, anchor_for, forget_defaults
+    assert anchor_for("circle") == ["square"] and anchor_for("heart") == ["circle"]
+    assert anchor_for(["circle", "square"]) == ["triangle", "triangle"]
+    assert anchor_for("red") == anchor_for(["circle", "red"]) == anchor_for("a dragon") == []
+    assert anchor_for(["circle", "square", "triangle", "star", "heart"]) == []  # nothing left to become
+    assert forget_defaults(["circle", "square"])["steps"] == 2 * ANCHOR_STEPS
+    plain = forget_defaults("circle", anchor=False)
+    assert "anchor" not in plain and plain["steps"] == FORGET_DEFAULTS["steps"]
+    assert "anchor" not in forget_defaults("red") and forget_defaults("red")["steps"] == FORGET_DEFAULTS["steps"]
 
 
 @pytest.mark.parametrize("concept", ["circle", "heart"])

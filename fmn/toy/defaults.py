@@ -3,12 +3,25 @@
 `fmn forget` without --model uses them for every option the user leaves unset; bench_quality.py and
 the forgetting-quality test use them too. The paper's defaults (lr 2e-6, 35 steps, "a photo of {}")
 are for SD's 860 M-parameter UNet trained on billions of captions; the toy UNet is ~200x smaller, so
-it needs a larger step, its own templates (templates_for: the model's caption forms), and a retain
-term (not in the paper): the UNet's outputs on the other shapes' (or colours') prompts, on noisy
-versions of the concept's images, are held to the base model's.
+it needs a larger step, its own templates (templates_for: the model's caption forms), a retain term
+(not in the paper): the UNet's outputs on the other shapes' (or colours') prompts, on noisy versions
+of the concept's images, are held to the base model's; and for shapes an anchor (anchor_for, Concept
+Ablation's target): the forgotten shape's prompts are pulled to the base model's outputs with the next
+shape named instead, weight 16, 100 steps per forgotten shape.
 
-How they were chosen (150 steps, lr 1e-3, 2 seeds x 25 prompts, UA / in-domain / cross-domain
-retain relative to base):
+Why the anchor: with attention loss and retain term alone (150 steps) "circle" reached UA 0.8 at 4
+seeds (0.8 / 0.95 with training seeds 1 / 2), star 0.5: once the word is not read, the prompt falls
+back to the base model's "a red something", a circle ~35% of the time (suppress's UA 0.65). With the
+anchor (4 seeds, UA / in-domain / cross-domain retain of base, ~25 s at 1 thread): circle 1.0 / 1.00 /
+1.00, square 1.0 / 0.96 / 1.00, triangle 0.9 / 0.99 / 1.00, star 0.95 / 0.95 / 1.00, heart 1.0 / 0.90 /
+1.00; circle+square 200 steps 0.93 / 1.00 / 1.00 (100 steps: 0.78). Anchor weight 4 / 16 / 32 on circle
+(2 seeds): UA 0.8 / 0.9 / 1.0; the latents noised for the anchor term taken from the concept's own
+images instead of the anchor's: UA 0.8-1.0 but hearts drift (IRA 0.90-0.93). "shape" ("a red shape",
+the toy's colour-only caption) as the anchor: UA 0.6-0.7 (it draws circles too). Colours keep no
+anchor: "red" with anchor "green" reached UA 0.6-0.75 (retains 1.00) against 1.0 without (IRA 0.79).
+
+The sweep before the anchor (150 steps, lr 1e-3, 2 seeds x 25 prompts):
+
 - without the retain term the attention loss forgets either nothing or everything at this scale
   ("circle", 35 steps: lr 4e-4 UA 0.1 at 1.00 / 1.00; lr 1e-3 UA 1.0 at 0.38 / 0.46);
 - only "a {}" and "a photo of a {}" as templates: "heart" is forgotten there ("a heart" draws
@@ -89,7 +102,7 @@ def anchor_for(concepts) -> list[str]:
     return [next(s for s in SHAPES[SHAPES.index(c) + 1:] + SHAPES if s in kept) for c in concepts]
 
 
-def forget_defaults(concepts=None) -> dict:
+def forget_defaults(concepts=None, anchor: bool = True) -> dict:
     """A fresh copy of the toy model's forgetting options (fmn.forget keyword arguments); with
     `concepts`, also their templates (templates_for) and what to retain (retain_for). Colours alone
     use retain weight 4 ("red": UA 1.0, in-domain retain 0.78 of base)."""
@@ -98,10 +111,10 @@ def forget_defaults(concepts=None) -> dict:
     retain = retain_for(concepts)
     if retain:
         opts["retain"] = retain
-    anchor = anchor_for(concepts)
-    if anchor:
-        opts["anchor"], opts["anchor_weight"] = anchor, ANCHOR_WEIGHT
-        opts["steps"] = ANCHOR_STEPS * len(anchor)
+    anchors = anchor_for(concepts) if anchor else []
+    if anchors:
+        opts["anchor"], opts["anchor_weight"] = anchors, ANCHOR_WEIGHT
+        opts["steps"] = ANCHOR_STEPS * len(anchors)
     _, shape, color = _domains(concepts)
     if color and not shape:
         opts["retain_weight"] = 4.0
