@@ -157,10 +157,12 @@ def test_slot_control_finds_where_the_model_reads_the_shape(pipe):
 def test_toy_forget_defaults_retain_the_other_concepts_of_the_forgotten_domain():
     from fmn.toy.defaults import forget_defaults, retain_for
     assert retain_for("circle") == ["square", "triangle", "star", "heart"]
-    assert retain_for(["red"]) == ["green shape", "blue shape", "yellow shape", "purple shape"]
+    assert retain_for(["red"], anchored=False) == ["green shape", "blue shape", "yellow shape", "purple shape"]
+    assert retain_for(["red"]) == ["green", "blue", "yellow", "purple"]  # in the colours' caption forms
     assert retain_for(["circle", "red"]) == ["square", "triangle", "star", "heart",
                                               "green shape", "blue shape", "yellow shape", "purple shape"]
-    assert forget_defaults("red")["retain_weight"] == 4.0 and forget_defaults("circle")["retain_weight"] == 8.0
+    assert forget_defaults("red", anchor=False)["retain_weight"] == 4.0
+    assert forget_defaults("red")["retain_weight"] == forget_defaults("circle")["retain_weight"] == 8.0
     assert retain_for("a dragon") == [] and "retain" not in forget_defaults()
     a, b = forget_defaults("circle"), forget_defaults("circle")
     a["template"].append("x")
@@ -173,16 +175,18 @@ def test_toy_forget_defaults_anchor_each_forgotten_shape_on_the_next_kept_one():
     from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS, anchor_for, forget_defaults
     assert anchor_for("circle") == ["square"] and anchor_for("heart") == ["circle"]
     assert anchor_for(["circle", "square"]) == ["triangle", "triangle"]
-    assert anchor_for("red") == anchor_for(["circle", "red"]) == anchor_for("a dragon") == []
+    assert anchor_for("red") == ["green"] and anchor_for(["purple", "red"]) == ["green", "green"]
+    assert anchor_for(["circle", "red"]) == anchor_for("a dragon") == anchor_for(None) == []
     assert anchor_for(["circle", "square", "triangle", "star", "heart"]) == []  # nothing left to become
-    assert forget_defaults(["circle", "square"])["steps"] == 2 * ANCHOR_STEPS
-    plain = forget_defaults("circle", anchor=False)
-    assert "anchor" not in plain and plain["steps"] == FORGET_DEFAULTS["steps"]
-    assert "anchor" not in forget_defaults("red") and forget_defaults("red")["steps"] == FORGET_DEFAULTS["steps"]
+    assert forget_defaults(["circle", "square"])["steps"] == 2 * ANCHOR_STEPS["shape"]
+    assert forget_defaults("red")["steps"] == ANCHOR_STEPS["color"]
+    for concept in ("circle", "red"):
+        plain = forget_defaults(concept, anchor=False)
+        assert "anchor" not in plain and plain["steps"] == FORGET_DEFAULTS["steps"]
 
 
-@pytest.mark.parametrize("concept", ["circle", "heart"])
-def test_toy_forget_templates_put_the_shape_in_every_slot_the_captions_use(concept):
+@pytest.mark.parametrize("concept", ["circle", "heart", "red"])
+def test_toy_forget_templates_put_the_concept_in_every_slot_the_captions_use(concept):
     """The toy text encoder embeds a word with its slot, so forgetting must see the concept in each
     slot the training captions put it in (and the generated prompts must be real captions)."""
     from fmn.toy.data import all_captions
@@ -195,4 +199,4 @@ def test_toy_forget_templates_put_the_shape_in_every_slot_the_captions_use(conce
     slot = lambda cap: cap.split().index(concept)  # noqa: E731
     assert {slot(p) for p in prompts} == {slot(c) for c in captions}
     generic = ["a {}", "a photo of a {}"]
-    assert templates_for(["heart", "red"]) == templates_for("red") == templates_for(None) == generic
+    assert templates_for(["heart", "red"]) == templates_for("red", anchored=False) == templates_for(None) == generic

@@ -17,8 +17,13 @@ anchor (4 seeds, UA / in-domain / cross-domain retain of base, ~25 s at 1 thread
 1.00; circle+square 200 steps 0.93 / 1.00 / 1.00 (100 steps: 0.78). Anchor weight 4 / 16 / 32 on circle
 (2 seeds): UA 0.8 / 0.9 / 1.0; the latents noised for the anchor term taken from the concept's own
 images instead of the anchor's: UA 0.8-1.0 but hearts drift (IRA 0.90-0.93). "shape" ("a red shape",
-the toy's colour-only caption) as the anchor: UA 0.6-0.7 (it draws circles too). Colours keep no
-anchor: "red" with anchor "green" reached UA 0.6-0.75 (retains 1.00) against 1.0 without (IRA 0.79).
+the toy's colour-only caption) as the anchor: UA 0.6-0.7 (it draws circles too). For colours the anchor is the next colour
+(red -> green), with the colours' own caption forms as templates ("a {} circle", ..., "{}") and the
+other colours retained by name (so "a green circle", ...), 200 steps per colour: "red" (4 seeds) UA 1.0
+at 1.00 / 1.00 (~34 s at 2 threads; 100 steps: UA 0.85); "blue" (-> yellow) UA 1.0 at 0.80 / 0.97
+(purple and green drift). Retaining "green shape", ... in these templates ("a green shape circle")
+instead: red UA 0.85 at 200 steps (also with weight 32 or 300 steps); the generic templates with the
+anchor: 0.6-0.7; no anchor (150 steps, generic templates, retain weight 4): UA 1.0, IRA 0.79.
 
 The sweep before the anchor (150 steps, lr 1e-3, 2 seeds x 25 prompts):
 
@@ -43,7 +48,7 @@ The sweep before the anchor (150 steps, lr 1e-3, 2 seeds x 25 prompts):
 - adding the visual loss (loss="both") at a light weight did not lift it: circle at 4 seeds,
   visual_weight 0.3 UA 0.5, 0.1 UA 0.7 (retain 1.00 / 0.92-0.94); at weight 1, UA 0.85 (0.93 / 0.92).
 """
-from fmn.toy.data import COLORS, FULL_TEMPLATES, SHAPE_TEMPLATES, SHAPES
+from fmn.toy.data import COLOR_TEMPLATES, COLORS, FULL_TEMPLATES, SHAPE_TEMPLATES, SHAPES
 
 FORGET_DEFAULTS = {
     "steps": 150,
@@ -55,7 +60,8 @@ FORGET_DEFAULTS = {
     "retain_weight": 8.0,
     "retain_images": 0,
 }
-ANCHOR_WEIGHT, ANCHOR_STEPS = 16.0, 100  # shapes, with their anchor; steps per forgotten shape
+ANCHOR_WEIGHT = 16.0
+ANCHOR_STEPS = {"shape": 100, "color": 200}  # per forgotten concept, with its anchor
 
 
 def _domains(concepts) -> tuple[list[str], bool, bool]:
@@ -63,59 +69,67 @@ def _domains(concepts) -> tuple[list[str], bool, bool]:
     return concepts, any(c in SHAPES for c in concepts), any(c in COLORS for c in concepts)
 
 
-def templates_for(concepts) -> list[str]:
+def templates_for(concepts, anchored: bool = True) -> list[str]:
     """Forgetting templates. For shapes: the model's own caption forms (fmn.toy.data) with the shape's
     slot left as {} and the colours rotated through: "a {}", "a photo of a {}", ..., "a red {}",
     "a photo of a green {}", ..., "a {} in red". The toy text encoder embeds a word with its slot, so
     forgetting "heart" only through "a {}" and "a photo of a {}" leaves "a red heart" (the word in
-    another slot) drawing hearts 60% of the time; the caption forms cover every slot. Otherwise
-    (colours, both domains, none): "a {}", "a photo of a {}" (for a colour these include the slot
-    of "a red circle"; its caption forms did worse: "red" UA 0.4-0.6 against 1.0)."""
+    another slot) drawing hearts 60% of the time; the caption forms cover every slot. For colours with
+    an anchor, likewise ("a {} circle", ..., "a {} shape", "{}"); without one, and for both domains or
+    none: "a {}", "a photo of a {}" (the colours' caption forms without an anchor did worse: "red" UA
+    0.4-0.6 against 1.0)."""
     concepts, shape, color = _domains(concepts)
-    if not shape or color:
-        return list(FORGET_DEFAULTS["template"])
-    full = [t.replace("{s}", "{{}}").format(c=COLORS[i % len(COLORS)]) for i, t in enumerate(FULL_TEMPLATES)]
-    return [t.replace("{s}", "{}") for t in SHAPE_TEMPLATES] + full
+    if shape and not color:
+        full = [t.replace("{s}", "{{}}").format(c=COLORS[i % len(COLORS)]) for i, t in enumerate(FULL_TEMPLATES)]
+        return [t.replace("{s}", "{}") for t in SHAPE_TEMPLATES] + full
+    if color and not shape and anchored:
+        full = [t.replace("{c}", "{{}}").format(s=SHAPES[i % len(SHAPES)]) for i, t in enumerate(FULL_TEMPLATES)]
+        return full + [t.replace("{c}", "{}") for t in COLOR_TEMPLATES]
+    return list(FORGET_DEFAULTS["template"])
 
 
-def retain_for(concepts) -> list[str]:
+def retain_for(concepts, anchored: bool = True) -> list[str]:
     """The toy concepts to keep when forgetting `concepts`: the other shapes if a shape is forgotten,
-    the other colours ("green shape", ...) if a colour is; nothing for phrases the toy model lacks."""
+    the other colours if a colour is: by name in the colours' caption forms (colours alone with an
+    anchor: "a green circle", ...), else as "green shape" ("a green shape"); nothing for phrases the
+    toy model lacks."""
     concepts, shape, color = _domains(concepts)
     out = []
     if shape:
         out += [s for s in SHAPES if s not in concepts]
     if color:
-        out += [f"{c} shape" for c in COLORS if c not in concepts]
+        plain = anchored and not shape
+        out += [c if plain else f"{c} shape" for c in COLORS if c not in concepts]
     return out
 
 
 def anchor_for(concepts) -> list[str]:
-    """What each forgotten shape should become (ForgetOptions.anchor): the next shape in SHAPES that is
-    not forgotten (circle -> square, ..., heart -> circle). Nothing for colours or mixed concepts."""
+    """What each forgotten concept should become (ForgetOptions.anchor): the next shape (colour) in
+    SHAPES (COLORS) that is not forgotten: circle -> square, ..., heart -> circle; red -> green, ...
+    Nothing for concepts from both domains or outside them."""
     concepts, shape, color = _domains(concepts)
-    if not shape or color or not all(c in SHAPES for c in concepts):
-        return []
-    kept = [s for s in SHAPES if s not in concepts]
-    if not kept:
-        return []
-    return [next(s for s in SHAPES[SHAPES.index(c) + 1:] + SHAPES if s in kept) for c in concepts]
+    for names in (SHAPES, COLORS):
+        kept = [n for n in names if n not in concepts]
+        if concepts and all(c in names for c in concepts) and kept:
+            return [next(n for n in names[names.index(c) + 1:] + names if n in kept) for c in concepts]
+    return []
 
 
 def forget_defaults(concepts=None, anchor: bool = True) -> dict:
     """A fresh copy of the toy model's forgetting options (fmn.forget keyword arguments); with
-    `concepts`, also their templates (templates_for) and what to retain (retain_for). Colours alone
-    use retain weight 4 ("red": UA 1.0, in-domain retain 0.78 of base)."""
+    `concepts`, also their templates (templates_for), what to retain (retain_for) and, unless
+    anchor=False, what they become (anchor_for). Without an anchor: 150 steps; colours alone then use
+    retain weight 4 ("red": UA 1.0, in-domain retain 0.79 of base)."""
     opts = {k: (list(v) if isinstance(v, list) else v) for k, v in FORGET_DEFAULTS.items()}
-    opts["template"] = templates_for(concepts)
-    retain = retain_for(concepts)
+    names, shape, color = _domains(concepts)
+    anchors = anchor_for(concepts) if anchor else []
+    opts["template"] = templates_for(concepts, anchored=bool(anchors))
+    retain = retain_for(concepts, anchored=bool(anchors))
     if retain:
         opts["retain"] = retain
-    anchors = anchor_for(concepts) if anchor else []
     if anchors:
         opts["anchor"], opts["anchor_weight"] = anchors, ANCHOR_WEIGHT
-        opts["steps"] = ANCHOR_STEPS * len(anchors)
-    _, shape, color = _domains(concepts)
-    if color and not shape:
+        opts["steps"] = ANCHOR_STEPS["shape" if shape else "color"] * len(anchors)
+    elif color and not shape:
         opts["retain_weight"] = 4.0
     return opts
