@@ -5,9 +5,9 @@ the forgetting-quality test use them too. The paper's defaults (lr 2e-6, 35 step
 are for SD's 860 M-parameter UNet trained on billions of captions; the toy UNet is ~200x smaller, so
 it needs a larger step, its own templates (templates_for: the model's caption forms), a retain term
 (not in the paper): the UNet's outputs on the other shapes' (or colours') prompts, on noisy versions
-of the concept's images, are held to the base model's; and for shapes an anchor (anchor_for, Concept
-Ablation's target): the forgotten shape's prompts are pulled to the base model's outputs with the next
-shape named instead, weight 16, 100 steps per forgotten shape.
+of the concept's images, are held to the base model's; and an anchor (anchor_for, Concept
+Ablation's target): the forgotten concept's prompts are pulled to the base model's outputs with the next
+shape (colour) named instead, weight 16, 100 steps per forgotten shape, 200 per colour.
 
 Why the anchor: with attention loss and retain term alone (150 steps) "circle" reached UA 0.8 at 4
 seeds (0.8 / 0.95 with training seeds 1 / 2), star 0.5: once the word is not read, the prompt falls
