@@ -150,7 +150,8 @@ def cmd_forget(a):
         progress=not a.quiet, base_model=a.model or "fmn-toy")
     if a.model is None:  # the built-in toy model has its own tuned defaults (fmn/toy/defaults.py)
         from fmn.toy.defaults import forget_defaults
-        for key, value in forget_defaults(a.concept).items():
+        anchored = a.anchor is None or bool(given["anchor"])  # --anchor "": the defaults without an anchor
+        for key, value in forget_defaults(a.concept, anchor=anchored).items():
             if given.get(key) is None and not (key == "lr" and a.train == "lora"):
                 given[key] = value
     try:

@@ -270,7 +270,8 @@ def test_default_model_or_a_clear_error(tmp_path, capsys):
         for flag, want in (("", []), ("star", ["star"])):
             out2 = tmp_path / f"p-{flag or 'none'}.safetensors"
             assert main(["forget", "--concept", "circle", "--out", str(out2), "--anchor", flag, *FAST]) == 0
-            assert load_patch(out2).options["anchor"] == want
+            options = load_patch(out2).options
+            assert options["anchor"] == want and options["anchor_weight"] == (16.0 if want else 1.0)
     else:
         assert rc == 2 and "default model" in err and "--model" in err
         assert not out.exists()
