@@ -9,8 +9,8 @@ shipped classifier, and report:
   time seconds spent making the method's model (training), and generating the evaluation images
 Methods: the base model; a negative prompt; fmn.suppress (attention zeroed, no training); ESD-x
 (negative-guidance fine-tune of attn2, 150 steps as fmn without an anchor, the same reference images,
-its lr swept like fmn's); fmn forget with the toy defaults (attention loss, attn2, retain term, and for
-shapes an anchor shape), without the anchor (150 steps), without anchor and retain (the paper's method
+its lr swept like fmn's); fmn forget with the toy defaults (attention loss, attn2, retain term, an
+anchor shape or colour), without the anchor (150 steps), without anchor and retain (the paper's method
 as is), and on the first task each loss (attention, visual, both) and trainable set (attn2, attn2-kv,
 unet, lora) with the defaults' other options.
 Writes bench/results/quality_cpu.json, a table, and quality_<task>.png grids (base | each method).

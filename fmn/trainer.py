@@ -595,6 +595,12 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
         pipe.to(device)
         # --- reference latents: items (concept index, x0, visual target or None)
         n_gen = opts.n_images or (4 if opts.resolution <= 64 else 10)
+
+        def draw(phrase, n, seed0, suppressed=None):
+            """Latents of n base-model images of `phrase`, through the templates in turn, seeds seed0, seed0 + 1..."""
+            return _generate(pipe, [tpl[i % len(tpl)].format(phrase) for i in range(n)],
+                             [seed0 + i for i in range(n)], opts.resolution, opts, device, suppressed)
+
         items = []
         if images is not None:
             sources = _image_sources(images, concepts)
@@ -602,8 +608,7 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
                 raise ValueError("no images were given for any concept")
             for ci in range(len(concepts)):
                 if ci not in sources:
-                    lat = _generate(pipe, [tpl[i % len(tpl)].format(concepts[ci]) for i in range(n_gen)],
-                                    [opts.seed + i for i in range(n_gen)], opts.resolution, opts, device)
+                    lat = draw(concepts[ci], n_gen, opts.seed)
                 else:
                     lat = _encode_images(pipe, sources[ci], opts.resolution, opts.seed, device)
                 items += [(ci, x, None) for x in lat]
@@ -612,11 +617,9 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
                 items = []
         if opts.loss in ("visual", "both") or images is None:
             for ci, c in enumerate(concepts):
-                ps = [tpl[i % len(tpl)].format(c) for i in range(n_gen)]
-                seeds = [opts.seed + 1000 * ci + i for i in range(n_gen)]
-                x0 = _generate(pipe, ps, seeds, opts.resolution, opts, device)
-                tgt = (_generate(pipe, ps, seeds, opts.resolution, opts, device, suppressed=[c])
-                       if opts.loss != "attention" else [None] * len(x0))
+                x0 = draw(c, n_gen, opts.seed + 1000 * ci)
+                tgt = (draw(c, n_gen, opts.seed + 1000 * ci, suppressed=[c]) if opts.loss != "attention"
+                       else [None] * len(x0))
                 items += [(ci, x, y) for x, y in zip(x0, tgt)]
         # the retained phrases' own images (base model, before training): latents and prompt indices
         # into retain_text (prompts are ordered phrase-major, template-minor)
@@ -624,16 +627,12 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
         r_items = []
         if opts.retain and n_retain:
             for ri, r in enumerate(opts.retain):
-                lat = _generate(pipe, [tpl[i % len(tpl)].format(r) for i in range(n_retain)],
-                                [opts.seed + 100_000 + 1000 * ri + i for i in range(n_retain)],
-                                opts.resolution, opts, device)
+                lat = draw(r, n_retain, opts.seed + 100_000 + 1000 * ri)
                 r_items += [(ri * len(tpl) + i % len(tpl), x) for i, x in enumerate(lat)]
         # the anchors' images (base model, same seeds as the concept's): (concept index, latent)
         a_items = []
         for ci, a in enumerate(anchors):
-            lat = _generate(pipe, [tpl[i % len(tpl)].format(a) for i in range(n_gen)],
-                            [opts.seed + 1000 * ci + i for i in range(n_gen)], opts.resolution, opts, device)
-            a_items += [(ci, x) for x in lat]
+            a_items += [(ci, x) for x in draw(a, n_gen, opts.seed + 1000 * ci)]
         latent_hw = items[0][1].shape[-2:]
         if any(x.shape[-2:] != latent_hw for _, x, _ in items):
             raise ValueError("reference latents differ in size")
