@@ -99,8 +99,8 @@ def main():
     tasks = [t.split("+") for t in (args.tasks or (["circle"] if args.quick else ["circle", "circle+square", "red"]))]
     base = load_default_pipeline(path=args.model)
     classifier = load_classifier()
-    from fmn.trainer import _accelerator
-    _accelerator()  # accelerate's one-time import and set-up: in no method's time
+    from fmn.runtime import accelerator
+    accelerator()  # accelerate's one-time import and set-up: in no method's time
     task_options = {"+".join(c): forget_defaults(c) for c in tasks}  # templates, retain, anchor are per task
     rows, grids = [], {}
 

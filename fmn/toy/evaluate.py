@@ -219,15 +219,16 @@ def slot_control(pipe, classifier=None, seeds: Iterable[int] = (0, 1), color: st
     A model that reads the prompt's words, as SD 1.x/2.x do, scores word ~1 and end ~0; token-level
     forgetting (fmn's attention loss) can only work on such a model.
     """
+    from fmn.families import family_for
     from fmn.spans import concept_token_mask
-    from fmn.trainer import encode_text
 
     if classifier is None:
         from fmn.toy.classifier import load_classifier
         classifier = load_classifier()
     tok = pipe.tokenizer
     prompts = [f"a {color} {s}" for s in SHAPES]
-    enc = encode_text(pipe, prompts)[0]
+    encode = family_for(pipe).encode_prompts
+    enc = encode(prompts)[0]
     words = concept_token_mask(tok, prompts, [[s] for s in SHAPES])
     if not (words.sum(1) == 1).all() or not (words == words[0]).all():
         raise ValueError(f"the shapes {SHAPES} are not single tokens at the same place in {prompts}")
@@ -247,7 +248,7 @@ def slot_control(pipe, classifier=None, seeds: Iterable[int] = (0, 1), color: st
             kinds += ["word", "end"]
     seeds = list(seeds)
     n = len(embeds) * len(seeds)
-    neg = encode_text(pipe, [""])[0]
+    neg = encode([""])[0]
     gens = [torch.Generator(device="cpu").manual_seed(int(sd)) for _ in embeds for sd in seeds]
     img = pipe(prompt_embeds=torch.stack(embeds).repeat_interleave(len(seeds), 0),
                negative_prompt_embeds=neg.expand(n, -1, -1), generator=gens,
