@@ -33,7 +33,8 @@ from fmn.baselines import esd  # noqa: E402
 from fmn.toy import COLORS, SHAPES, evaluate, load_classifier, load_default_pipeline, prompt_set, relative_to, save_grid  # noqa: E402
 from fmn.toy.defaults import FORGET_DEFAULTS, forget_defaults  # noqa: E402
 
-FMN_VARIANTS = ["fmn attention / attn2", "fmn attention / attn2, no anchor", "fmn attention / attn2, no anchor, no retain",
+FMN_VARIANTS = ["fmn attention / attn2", "fmn attention / attn2, no anchor",
+                "fmn attention / attn2, no anchor, no retain",
                 "fmn attention / attn2-kv", "fmn attention / unet", "fmn attention / lora", "fmn visual / attn2",
                 "fmn both / attn2"]
 

@@ -53,7 +53,6 @@ def _device(name):
 
 def load_pipeline(model, precision="fp32", *, for_training=False, device=None):
     """A diffusers pipeline from a folder or hub id, with clear errors."""
-    import torch
     from diffusers import DiffusionPipeline
     model = model or _default_model()
     path = Path(model).expanduser()
@@ -62,7 +61,8 @@ def load_pipeline(model, precision="fp32", *, for_training=False, device=None):
         if not path.exists():
             raise CLIError(f"model folder {model} does not exist")
         if not path.is_dir():
-            raise CLIError(f"model {model} is not a folder (expected a diffusers pipeline folder with model_index.json)")
+            raise CLIError(f"model {model} is not a folder "
+                           "(expected a diffusers pipeline folder with model_index.json)")
         if not (path / "model_index.json").is_file():
             raise CLIError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
         model = str(path)
@@ -325,7 +325,8 @@ def cmd_eval(a):
             if name in results:
                 r = results[name]
                 print(f"{name:8s} UA {r.get('ua')}  in-domain retain {r.get('in_domain_retain')}  "
-                      f"cross-domain retain {r.get('cross_domain_retain')}  ({r['n_images']} images, {r['seconds']:.1f} s)")
+                      f"cross-domain retain {r.get('cross_domain_retain')}  "
+                      f"({r['n_images']} images, {r['seconds']:.1f} s)")
         print(f"wrote {a.out}" + (f" and {a.grid}" if a.grid else ""))
     return 0
 
@@ -348,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"fmn {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL); default: the built-in toy model"):
+    def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL); "
+                             "default: the built-in toy model"):
         p.add_argument("--model", default=None, help=model_help)
         p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                        help="weights/compute precision (default fp32)")
@@ -377,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--visual-weight", type=float, default=1.0)
     f.add_argument("--template", action="append", default=None,
                    help="'object' (default), 'style', or a custom template with {} (repeat for several)")
-    f.add_argument("--n-images", type=int, default=None, help="images generated per concept (default 10; 4 on tiny models)")
+    f.add_argument("--n-images", type=int, default=None,
+                   help="images generated per concept (default 10; 4 on tiny models)")
     f.add_argument("--gen-steps", type=int, default=None, help="inference steps for generated images (default 30)")
     f.add_argument("--include-eos", action="store_true", help="also mark end-of-text slots (authors' use_pooler)")
     f.add_argument("--retain", action="append", default=None,
@@ -398,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--inversion-steps", type=int, default=500)
     f.add_argument("--inversion-tokens", type=int, default=4)
     f.add_argument("--patch-dtype", choices=list(PATCH_DTYPES), default="fp16",
-                   help="deltas in fp16/bf16/fp32, int8 deltas with per-row scales (half of fp16), or 'exact' trained tensors")
+                   help="deltas in fp16/bf16/fp32, int8 deltas with per-row scales (half of fp16), "
+                        "or 'exact' trained tensors")
     f.add_argument("--gradient-checkpointing", action="store_true")
     f.add_argument("--max-grad-norm", type=float, default=None)
     f.add_argument("--backend", choices=BACKENDS, default="auto",

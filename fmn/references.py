@@ -159,7 +159,7 @@ def concept_items(pipe, concepts, images, tpl, n_gen, opts, device) -> list:
                 lat = encode_images(pipe, sources[ci], opts.resolution, opts.seed, device)
             items += [(ci, x, None) for x in lat]
         if opts.loss == "visual":
-            warnings.warn("loss='visual' trains on generated pairs; the given images are not used")
+            warnings.warn("loss='visual' trains on generated pairs; the given images are not used", stacklevel=4)
             items = []
     if opts.loss in ("visual", "both") or images is None:
         for ci, c in enumerate(concepts):

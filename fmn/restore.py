@@ -21,7 +21,7 @@ class PipelineState:
 
     def offload_text_and_vae(self):
         """Text encoders and VAE to the CPU (CUDA runs, once the text is encoded)."""
-        for n, m in self.modules.items():
+        for m in self.modules.values():
             if m is not self.model:
                 m.to("cpu")
         torch.cuda.empty_cache()

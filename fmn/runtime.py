@@ -30,7 +30,8 @@ def autocast_for(opts, model: torch.nn.Module, device: torch.device):
     dtype = next(model.parameters()).dtype
     if opts.precision == "fp32" and dtype != torch.float32:
         opts.precision = "bf16" if dtype == torch.bfloat16 else "fp16"
-        warnings.warn(f"the UNet is in {dtype}; training with precision {opts.precision} autocast instead of fp32")
+        warnings.warn(f"the UNet is in {dtype}; training with precision {opts.precision} autocast instead of fp32",
+                      stacklevel=3)
     if opts.precision == "fp16" and device.type == "cpu":
         raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     amp_dtype, enabled = PRECISIONS[opts.precision], opts.precision != "fp32"

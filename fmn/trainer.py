@@ -155,7 +155,7 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
     concepts, anchors = checked_concepts(concepts, opts)
     family = family_for(pipe)
     tpl = templates(opts.template)
-    for ci, c in enumerate(concepts):  # every concept must be found in its prompts (the error names both)
+    for c in concepts:  # every concept must be found in its prompts (the error names both)
         family.concept_columns(concept_prompts([c], tpl)[0], [c] * len(tpl))
     accel = accelerator()
     device = torch.device(opts.device) if opts.device else accel.device

@@ -137,17 +137,16 @@ def test_every_processor_branch_matches_attn_processor_2_0(mask_kind, qk_norm):
 def test_standalone_scores_and_zeroing_match_materialising(mask_kind):
     attn, inputs = branchy_attention(None), branchy_inputs(mask_kind)
     mask = concept_mask()
-    fused = fa.FusedCrossAttnProcessor(name="x", backend=REF)
-    fused.concept_weights, fused.recorder = mask, fa.ConceptScores()
+    context = fa.AttentionContext(concept_weights=mask, recorder=fa.ConceptScores())
+    fused = fa.FusedCrossAttnProcessor(name="x", backend=REF, context=context)
     attn.set_processor(fused)
     attn(**inputs)
     oracle = MaterializingCrossAttnProcessor(concept_mask=mask)
     attn.set_processor(oracle)
     attn(**inputs)
-    torch.testing.assert_close(fused.recorder.loss(), oracle.loss(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(context.recorder.loss(), oracle.loss(), rtol=1e-5, atol=1e-7)
 
-    fused = fa.FusedCrossAttnProcessor(backend=REF)
-    fused.zero_mask = mask
+    fused = fa.FusedCrossAttnProcessor(backend=REF, context=fa.AttentionContext(zero_mask=mask))
     attn.set_processor(fused)
     got = attn(**inputs)
     attn.set_processor(MaterializingCrossAttnProcessor(zero_mask=mask))
@@ -230,13 +229,14 @@ def test_install_and_remove_restore_exact_processors(pipes):
         assert isinstance(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.processor,
                           fa.FusedCrossAttnProcessor)
     assert all(processors(pipe.unet)[n] is p for n, p in before.items())
-    # ...and reuses installed processors, putting their settings back.
+    # ...and reuses installed processors, which share one context, putting its settings back.
     with fmn.use_fused_attention(pipe, backend=REF) as handle:
-        installed = handle.processors
+        installed, context = handle.processors, handle.context
+        assert all(p.context is context for p in installed)
         with fmn.concept_scores(pipe, concept_mask()), fa.zero_columns(pipe, concept_mask()):
             assert handle.processors == installed
-            assert all(p.concept_weights is not None and p.zero_mask is not None for p in installed)
-        assert all(p.concept_weights is None and p.zero_mask is None and p.recorder is None for p in installed)
+            assert context.concept_weights is not None and context.zero_mask is not None
+        assert context.concept_weights is None and context.zero_mask is None and context.recorder is None
     assert all(processors(pipe.unet)[n] is p for n, p in before.items())
 
 
