@@ -146,7 +146,6 @@ def relative_to(metrics: dict, base: dict) -> dict:
     for key, base_key in (("retain_shape_acc", "retain_shape_acc"), ("retain_color_acc", "retain_color_acc")):
         if metrics.get(key) is not None and base.get(base_key):
             out[key + "_rel"] = metrics[key] / base[base_key]
-    fs, fc = _concepts(metrics.get("forgotten"))
     if metrics.get("in_domain_retain") is not None and base.get("in_domain_retain"):
         out["in_domain_retain_rel"] = metrics["in_domain_retain"] / base["in_domain_retain"]
     if metrics.get("cross_domain_retain") is not None and base.get("cross_domain_retain"):
@@ -295,18 +294,3 @@ def save_grid(path, panels: dict, ncols: int = 5, scale: int = 2, pad: int = 2, 
             canvas.paste(tile, (x0 + pad + c * cw, title_height + pad + r * ch))
     canvas.save(path)
     return path
-
-
-def concept_grid(pipe, other=None, seed: int = 0, forgotten=None, path=None, negative_prompt=None,
-                 titles=("base", "forgotten"), **kw):
-    """Base vs other pipeline (or the same pipeline with a negative prompt) on the 5 x 5 prompt set, one seed."""
-    specs = prompt_set()
-    a, _ = generate(pipe, specs, [seed], **kw)
-    if other is None and negative_prompt is None:
-        panels = {titles[0]: a}
-    else:
-        b, _ = generate(other if other is not None else pipe, specs, [seed], negative_prompt=negative_prompt, **kw)
-        panels = {titles[0]: a, titles[1]: b}
-    if path is not None:
-        save_grid(path, panels)
-    return panels
