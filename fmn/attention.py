@@ -20,7 +20,7 @@ encoder_hidden_states batch the UNet is called with.
 """
 import inspect
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -285,6 +285,29 @@ def use_fused_attention(unet_or_pipe, *, backend="auto") -> FusedAttention:
 
 
 @contextmanager
+def using(context: AttentionContext, **fields):
+    """Sets fields of `context` for the duration of the block, then puts back what was there."""
+    saved = {key: getattr(context, key) for key in fields}
+    try:
+        for key, value in fields.items():
+            setattr(context, key, value)
+        yield context
+    finally:
+        for key, value in saved.items():
+            setattr(context, key, value)
+
+
+@contextmanager
+def recording(context: AttentionContext, concept_weights):
+    """Inside, every fused processor reading `context` records its concept score for
+    concept_weights [B, L] (batch-major); yields the ConceptScores. The trainer's way in, given
+    the context of the processors it installed (model families other than the UNet's included)."""
+    recorder = ConceptScores()
+    with using(context, concept_weights=concept_weights, recorder=recorder):
+        yield recorder
+
+
+@contextmanager
 def _context_set(unet_or_pipe, backend, **settings):
     """Sets the fused processors' AttentionContext fields for the duration, installing the
     processors if needed; yields the context(s) set (one unless processors were installed one by one)."""
@@ -292,16 +315,12 @@ def _context_set(unet_or_pipe, backend, **settings):
     installed = all(isinstance(module.processor, FusedCrossAttnProcessor) for _, module in layers)
     handle = None if installed else FusedAttention(unet_or_pipe, backend)
     contexts = list({id(m.processor.context): m.processor.context for _, m in layers}.values())
-    saved = [{key: getattr(c, key) for key in settings} for c in contexts]
     try:
-        for c in contexts:
-            for key, value in settings.items():
-                setattr(c, key, value)
-        yield contexts
+        with ExitStack() as stack:
+            for c in contexts:
+                stack.enter_context(using(c, **settings))
+            yield contexts
     finally:
-        for c, before in zip(contexts, saved):
-            for key, value in before.items():
-                setattr(c, key, value)
         if handle is not None:
             handle.remove()
 

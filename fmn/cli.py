@@ -148,6 +148,7 @@ def format_summary(patch, path=None) -> str:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_forget(a):
+    from fmn.families import family_for
     from fmn.options import ForgetOptions, templates
     from fmn.runtime import accelerator
     from fmn.trainer import forget
@@ -179,11 +180,15 @@ def cmd_forget(a):
         for key, value in forget_defaults(a.concept, anchor=anchored).items():
             if given.get(key) is None and not (key == "lr" and a.train == "lora"):
                 given[key] = value
+    given = {k: v for k, v in given.items() if v is not None}
     try:
-        opts = ForgetOptions(**{k: v for k, v in given.items() if v is not None})
+        opts = ForgetOptions(**given)  # checked before the (slow) pipeline load
     except ValueError as e:
         raise CLIError(str(e)) from None
     pipe = load_pipeline(a.model, a.precision, for_training=True, device=a.device)
+    defaults = family_for(pipe).default_options()
+    if defaults:  # the model family's own defaults, under what was given
+        opts = ForgetOptions(**{**defaults, **given})
     patch = forget(pipe, a.concept, images, options=opts)
     if not accelerator().is_main_process:
         return 0

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fmn.attention import concept_scores
+from fmn.attention import AttentionContext, recording
 from fmn.families.base import ModelFamily, Prompts
 from fmn.options import ForgetError, ForgetOptions
 
@@ -26,7 +26,8 @@ from fmn.options import ForgetError, ForgetOptions
 @dataclass
 class Run:
     """What the steps of one run share. items: (concept index, x0, visual target or None);
-    text: the concept's prompts with their key columns; timesteps drawn from [lo, hi)."""
+    text: the concept's prompts with their key columns; timesteps drawn from [lo, hi); attention:
+    the context of the fused processors (per-call data: concept weights, score recorder)."""
     family: ModelFamily
     model: torch.nn.Module          # the denoiser as called (wrapped under data parallel)
     opts: ForgetOptions
@@ -38,6 +39,7 @@ class Run:
     autocast: Callable
     lo: int
     hi: int
+    attention: AttentionContext     # read by the fused processors the family installed
 
 
 @dataclass
@@ -90,8 +92,7 @@ def forgetting_step(run: Run, batch: Batch, backward: bool = False) -> float:
     x_t = run.family.add_noise(x0, batch.noise, batch.t)
     rows = torch.tensor(batch.rows)
     scores = opts.loss in ("attention", "both")
-    ctx = (concept_scores(run.family.denoiser, run.text.columns[rows], backend=opts.backend) if scores
-           else nullcontext())
+    ctx = recording(run.attention, run.text.columns[rows]) if scores else nullcontext()
     with ctx as recorded:
         with run.autocast():
             out = run.family.predict(run.model, x_t, batch.t, run.text, rows)

@@ -109,9 +109,10 @@ def encode_images(pipe, sources, resolution, seed, device):
 
 
 @torch.no_grad()
-def generate_latents(pipe, prompts, seeds, resolution, opts, device, suppressed=None):
-    """Latents (the UNet's latent space) generated from prompts with fixed seeds."""
-    from fmn.attention import suppress
+def generate_latents(family, prompts, seeds, resolution, opts, device, suppressed=None):
+    """Latents (the denoiser's latent space) generated from prompts with fixed seeds; with
+    `suppressed` concepts, with their attention zeroed (family.suppress)."""
+    pipe = family.pipe
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     kw = dict(prompt=prompts, num_inference_steps=opts.gen_steps, guidance_scale=opts.guidance_scale,
               height=resolution, width=resolution, generator=gens, output_type="latent")
@@ -121,7 +122,7 @@ def generate_latents(pipe, prompts, seeds, resolution, opts, device, suppressed=
         if suppressed is None:
             out = pipe(**kw).images
         else:
-            with suppress(pipe, suppressed, include_eos=opts.include_eos, backend=opts.backend):
+            with family.suppress(suppressed, include_eos=opts.include_eos, backend=opts.backend):
                 out = pipe(**kw).images
     finally:
         pipe._progress_bar_config = old
@@ -138,13 +139,13 @@ class References:
     anchor: list = field(default_factory=list)
 
 
-def draw(pipe, phrase, tpl, n, seed0, opts, device, suppressed=None):
+def draw(family, phrase, tpl, n, seed0, opts, device, suppressed=None):
     """Latents of n base-model images of `phrase`, through the templates in turn, seeds seed0, seed0 + 1..."""
-    return generate_latents(pipe, [tpl[i % len(tpl)].format(phrase) for i in range(n)],
+    return generate_latents(family, [tpl[i % len(tpl)].format(phrase) for i in range(n)],
                             [seed0 + i for i in range(n)], opts.resolution, opts, device, suppressed)
 
 
-def concept_items(pipe, concepts, images, tpl, n_gen, opts, device) -> list:
+def concept_items(family, concepts, images, tpl, n_gen, opts, device) -> list:
     """(concept index, x0, visual target or None): the given images (a concept without any drawn),
     and for no images or a visual loss, drawn images with their targets drawn under suppress."""
     items = []
@@ -154,37 +155,37 @@ def concept_items(pipe, concepts, images, tpl, n_gen, opts, device) -> list:
             raise ValueError("no images were given for any concept")
         for ci in range(len(concepts)):
             if ci not in sources:
-                lat = draw(pipe, concepts[ci], tpl, n_gen, opts.seed, opts, device)
+                lat = draw(family, concepts[ci], tpl, n_gen, opts.seed, opts, device)
             else:
-                lat = encode_images(pipe, sources[ci], opts.resolution, opts.seed, device)
+                lat = encode_images(family.pipe, sources[ci], opts.resolution, opts.seed, device)
             items += [(ci, x, None) for x in lat]
         if opts.loss == "visual":
             warnings.warn("loss='visual' trains on generated pairs; the given images are not used", stacklevel=4)
             items = []
     if opts.loss in ("visual", "both") or images is None:
         for ci, c in enumerate(concepts):
-            x0 = draw(pipe, c, tpl, n_gen, opts.seed + 1000 * ci, opts, device)
-            tgt = (draw(pipe, c, tpl, n_gen, opts.seed + 1000 * ci, opts, device, suppressed=[c])
+            x0 = draw(family, c, tpl, n_gen, opts.seed + 1000 * ci, opts, device)
+            tgt = (draw(family, c, tpl, n_gen, opts.seed + 1000 * ci, opts, device, suppressed=[c])
                    if opts.loss != "attention" else [None] * len(x0))
             items += [(ci, x, y) for x, y in zip(x0, tgt)]
     return items
 
 
-def reference_latents(pipe, concepts, images, anchors, tpl, opts, device) -> References:
+def reference_latents(family, concepts, images, anchors, tpl, opts, device) -> References:
     """All latents of a run, drawn before any training step."""
     n_gen = opts.n_images or (4 if opts.resolution <= 64 else 10)
-    items = concept_items(pipe, concepts, images, tpl, n_gen, opts, device)
+    items = concept_items(family, concepts, images, tpl, n_gen, opts, device)
     # the retained phrases' own images; prompt rows are phrase-major, template-minor
     n_retain = n_gen if opts.retain_images is None else opts.retain_images
     retain = []
     if opts.retain and n_retain:
         for ri, r in enumerate(opts.retain):
-            lat = draw(pipe, r, tpl, n_retain, opts.seed + 100_000 + 1000 * ri, opts, device)
+            lat = draw(family, r, tpl, n_retain, opts.seed + 100_000 + 1000 * ri, opts, device)
             retain += [(ri * len(tpl) + i % len(tpl), x) for i, x in enumerate(lat)]
     # the anchors' images: the same seeds as the concept's
     anchor = []
     for ci, a in enumerate(anchors):
-        anchor += [(ci, x) for x in draw(pipe, a, tpl, n_gen, opts.seed + 1000 * ci, opts, device)]
+        anchor += [(ci, x) for x in draw(family, a, tpl, n_gen, opts.seed + 1000 * ci, opts, device)]
     latent_hw = items[0][1].shape[-2:]
     if any(x.shape[-2:] != latent_hw for _, x, _ in items):
         raise ValueError("reference latents differ in size")

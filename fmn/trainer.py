@@ -94,7 +94,7 @@ def encode_all(family, concepts, words, anchors, tpl, opts, parts) -> dict:
     return texts
 
 
-def build_run(family, accel, opts, device, items, text, params, autocast) -> Run:
+def build_run(family, accel, opts, device, items, text, params, autocast, attention) -> Run:
     optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=tuple(opts.betas), weight_decay=opts.weight_decay)
     model = family.denoiser
     if accel.num_processes > 1:
@@ -104,7 +104,7 @@ def build_run(family, accel, opts, device, items, text, params, autocast) -> Run
     lo, hi = opts.timesteps[0], min(opts.timesteps[1], n_train)
     if lo >= hi:
         raise ValueError(f"timesteps {opts.timesteps} are outside the scheduler's [0, {n_train})")
-    return Run(family, model, opts, device, items, text, optimizer, scaler, autocast, lo, hi)
+    return Run(family, model, opts, device, items, text, optimizer, scaler, autocast, lo, hi, attention)
 
 
 def train_and_measure(run, caches, accel, concepts, params) -> dict:
@@ -146,14 +146,16 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
             (with one subfolder per concept, or shared by all concepts), a list of files or PIL
             images, a dict {concept: folder or list}, or a tensor of latents [N, 4, h, w].
         **options: see ForgetOptions (steps=35, lr=2e-6, batch_size=1, train="attn2",
-            loss="attention", precision="fp32", patch_dtype="fp16", inplace=False, ...).
+            loss="attention", precision="fp32", patch_dtype="fp16", inplace=False, ...), over the
+            model family's default_options(); or options=ForgetOptions(...), taken as it is.
 
     The returned patch's `summary` holds time, peak memory, loss before/after and per step.
     """
-    given = options.pop("options", None)
-    opts = dataclasses.replace(given) if given is not None else ForgetOptions(**options)
-    concepts, anchors = checked_concepts(concepts, opts)
     family = family_for(pipe)
+    given = options.pop("options", None)
+    opts = dataclasses.replace(given) if given is not None else ForgetOptions(**{**family.default_options(),
+                                                                                  **options})
+    concepts, anchors = checked_concepts(concepts, opts)
     tpl = templates(opts.template)
     for c in concepts:  # every concept must be found in its prompts (the error names both)
         family.concept_columns(concept_prompts([c], tpl)[0], [c] * len(tpl))
@@ -171,7 +173,7 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
     handle, ok = None, False
     try:
         pipe.to(device)
-        refs = reference_latents(pipe, concepts, images, anchors, tpl, opts, device)
+        refs = reference_latents(family, concepts, images, anchors, tpl, opts, device)
         parts, words = family.text_parts(), concepts
         if opts.inversion:
             family.denoiser.requires_grad_(False)
@@ -184,7 +186,8 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
         if opts.gradient_checkpointing:
             family.denoiser.enable_gradient_checkpointing()
         handle = family.fused_attention(opts.backend)
-        run = build_run(family, accel, opts, device, refs.items, texts["concept"], trainable.params, autocast)
+        run = build_run(family, accel, opts, device, refs.items, texts["concept"], trainable.params, autocast,
+                        handle.context)
         caches = {}
         if "retain" in texts:
             caches["retain"] = retain_cache(run, texts["retain"], refs.retain)

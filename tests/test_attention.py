@@ -408,3 +408,16 @@ def test_forgetting_loss_keeps_nan_and_is_zero_at_zero():
     loss.backward()
     assert loss.item() == 0 and torch.equal(zero.grad, torch.zeros(3))
     torch.testing.assert_close(fmn.forgetting_loss([torch.tensor([4.0]), torch.tensor([5.0])]), torch.tensor(3.0))
+
+
+def test_recording_through_a_handles_context_equals_concept_scores(unets):
+    """The trainer's way in: set the installed processors' one context, no layer lookup."""
+    unet, inputs, mask = unets["sd1"], unet_inputs("sd1"), concept_mask()
+    with fmn.concept_scores(unet, mask, backend=REF) as expected:
+        unet(**inputs)
+    with fmn.use_fused_attention(unet, backend=REF) as handle:
+        with fa.recording(handle.context, mask) as got:
+            unet(**inputs)
+        assert handle.context.concept_weights is None and handle.context.recorder is None  # put back
+    assert got.layers == expected.layers
+    torch.testing.assert_close(got.loss(), expected.loss(), rtol=0, atol=0)

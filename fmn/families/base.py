@@ -7,6 +7,12 @@ The trainer (fmn.trainer and the modules it calls) talks to a pipeline only thro
 family (SD3, FLUX: MM-DiT, flow matching) is one new module with one `ModelFamily` subclass,
 registered in `fmn.families.FAMILIES`.
 
+Adding a family: subclass ModelFamily in fmn/families/<name>.py and answer every abstract method;
+its fused processors read one fmn.attention.AttentionContext per handle (concept_weights [B, L] ->
+record sum_j w_j p_ij^2 into context.recorder; zero_mask [B, L] -> zero those columns after the
+softmax), as fmn.attention.FusedCrossAttnProcessor does for attn2; list the class in
+fmn.families.FAMILIES (before a family whose matches() could also accept its pipelines).
+
 Conventions: timesteps `t` are integer training timesteps in [0, timestep_count()) (a
 flow-matching family maps them to its sigmas inside add_noise / target / predict / x0_estimate);
 latents are the denoiser's input space (scaled VAE latents); prompt rows and key-column masks are
@@ -112,7 +118,13 @@ class ModelFamily(ABC):
     @abstractmethod
     def fused_attention(self, backend: str):
         """Installs fmn's fused processors on attention_layers(); returns a handle with `.remove()`
-        and `.context` (fmn.attention.AttentionContext, read by the processors on every call)."""
+        and `.context`: the one fmn.attention.AttentionContext all of them read on every call
+        (the trainer records concept scores through it with fmn.attention.recording)."""
+
+    @abstractmethod
+    def suppress(self, concepts: list[str], *, include_eos: bool = False, backend: str = "auto"):
+        """A context manager inside which `self.pipe(prompt=...)` generates with the concepts' key
+        columns zeroed in the attention layers (the visual loss's targets are drawn so)."""
 
     @abstractmethod
     def trainable(self, train: str) -> list[tuple[str, torch.nn.Parameter]]:

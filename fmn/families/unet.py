@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fmn.attention import cross_attention_layers, use_fused_attention
+from fmn.attention import cross_attention_layers, suppress, use_fused_attention
 from fmn.families.base import ModelFamily, Prompts
 from fmn.spans import concept_token_mask
 
@@ -118,6 +118,9 @@ class UNetFamily(ModelFamily):
 
     def fused_attention(self, backend):
         return use_fused_attention(self.pipe.unet, backend=backend)
+
+    def suppress(self, concepts, *, include_eos=False, backend="auto"):
+        return suppress(self.pipe, concepts, include_eos=include_eos, backend=backend)
 
     def trainable(self, train):
         keep = TRAINABLE[train]
