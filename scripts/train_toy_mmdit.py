@@ -139,8 +139,9 @@ def prepare(args, t0):
                 lat_std=lat_std, shapes=shapes, colors=colors, shift=shift, scale=scale, probe=(probe_lat, ps, pc))
 
 
-def train(args, t0=None):
-    """Run the training loop; returns (state from prepare(), per-step losses, seconds per step)."""
+def train(args, t0=None, on_checkpoint=None):
+    """Run the training loop; returns (state from prepare(), per-step losses, seconds per step).
+    on_checkpoint(step, state) is called every args.save_every steps (0: never)."""
     t0 = t0 or time.time()
     st = prepare(args, t0)
     tok, tes, tr = st["tok"], st["text_encoders"], st["transformer"]
@@ -182,17 +183,21 @@ def train(args, t0=None):
             pr = probe(tr, tes, tok, *st["probe"], seed=args.seed + 7)
             tr.train()
             log(t0, "probe " + " ".join(f"{k} {v:.4f}" for k, v in pr.items()))
+        if on_checkpoint and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            on_checkpoint(step + 1, st)
     st["cpu_seconds_per_step"] = (time.process_time() - cpu_steps) / max(1, args.steps)
     return st, losses, (time.time() - t_steps) / max(1, args.steps)
 
 
 def save_pipeline(out, st, fp32=False):
-    """save_pretrained into a temporary folder next to `out`, then move it into place."""
+    """save_pretrained (copies of the modules, fp16 unless fp32) into a new temporary folder next to
+    `out`; returns that folder (the caller moves it into place)."""
+    import copy
+
     from diffusers import StableDiffusion3Pipeline
 
-    tr, (te1, te2), vae = st["transformer"], st["text_encoders"], st["vae"]
-    MM.set_default_attention(tr)
-    modules = [tr.eval(), te1.eval(), te2.eval(), vae.eval()]
+    modules = [copy.deepcopy(m).eval() for m in (st["transformer"], *st["text_encoders"], st["vae"])]
+    MM.set_default_attention(modules[0])
     if not fp32:
         modules = [m.half() for m in modules]
     pipe = StableDiffusion3Pipeline(transformer=modules[0], scheduler=MM.build_scheduler(), vae=modules[3],
@@ -231,11 +236,11 @@ def parse_args(argv=None):
                     help="pipeline folder whose VAE is reused (default: the shipped UNet toy model)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--pool", type=int, default=8000)
+    ap.add_argument("--pool", type=int, default=4000)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=32)
@@ -245,7 +250,12 @@ def parse_args(argv=None):
     ap.add_argument("--probe-every", type=int, default=250, help="0: no probe")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--fp32", action="store_true", help="store fp32 weights (default: fp16)")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="also save the pipeline every N steps into --checkpoint-dir/step<N> (0: never)")
+    ap.add_argument("--checkpoint-dir", default=None, help="needed with --save-every")
     args = ap.parse_args(argv)
+    if args.save_every and not args.checkpoint_dir:
+        raise SystemExit("--save-every needs --checkpoint-dir")
     for name in ("steps", "batch", "pool", "dim", "layers", "head_dim", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -260,7 +270,15 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t0 = time.time()
     load_start = os.getloadavg()
-    st, losses, step_s = train(args, t0)
+
+    def checkpoint(step, state):
+        folder = Path(args.checkpoint_dir) / f"step{step}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        save_pipeline(folder, state, args.fp32).rename(folder)
+        log(t0, f"checkpoint saved to {folder}")
+
+    st, losses, step_s = train(args, t0, checkpoint)
     t_total = time.time() - t0
     tmp = save_pipeline(out, st, args.fp32)
     files = file_manifest(tmp)
