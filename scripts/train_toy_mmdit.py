@@ -219,6 +219,13 @@ def save_pipeline(out, st, fp32=False):
     return tmp
 
 
+def relative_to_root(value):
+    """Paths inside the repository as relative paths (training_info.json is shipped)."""
+    if isinstance(value, str) and Path(value).is_absolute() and Path(value).resolve().is_relative_to(ROOT):
+        return str(Path(value).resolve().relative_to(ROOT))
+    return value
+
+
 def file_manifest(folder):
     """{relative path: {"bytes", "sha256"}} of every file under folder (tests check the shipped files)."""
     import hashlib
@@ -283,7 +290,8 @@ def main(argv=None):
     tmp = save_pipeline(out, st, args.fp32)
     files = file_manifest(tmp)
     size = sum(rec["bytes"] for rec in files.values())
-    info = {"seed": args.seed, "args": vars(args), "train_seconds": round(t_total, 1),
+    info = {"seed": args.seed, "args": {k: relative_to_root(v) for k, v in vars(args).items()},
+            "train_seconds": round(t_total, 1),
             "seconds_per_step": round(step_s, 3), "cpu_seconds_per_step": round(st["cpu_seconds_per_step"], 3),
             "cpu_seconds_total": round(time.process_time(), 1), "threads": args.threads, "torch": torch.__version__,
             "transformer_params": sum(p.numel() for p in st["transformer"].parameters()),
