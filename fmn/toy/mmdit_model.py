@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from fmn.toy import model as unet_model
