@@ -21,7 +21,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def main(argv=None):
     import torch
 
-    from fmn.toy import MODELS, evaluate, load_classifier, load_pipeline, model_path, prompt_set, save_grid, slot_control
+    from fmn.toy import (MODELS, evaluate, load_classifier, load_pipeline, model_path, prompt_set, save_grid,
+                         slot_control)
     from fmn.toy.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
