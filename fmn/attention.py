@@ -268,8 +268,18 @@ class FusedAttention:
 
 def use_fused_attention(unet_or_pipe, *, backend="auto") -> FusedAttention:
     """Installs fused cross-attention on every attn2 layer now; returns the handle (also a
-    context manager) whose `remove()` restores the original processors."""
+    context manager) whose `remove()` restores the original processors.
+
+    SD3 / FLUX pipelines and transformers get fmn.mmdit_attention's joint processors instead."""
+    if _mmdit().is_mmdit(unet_or_pipe):
+        return _mmdit().use_fused_attention(unet_or_pipe, backend=backend)
     return FusedAttention(unet_or_pipe, backend)
+
+
+def _mmdit():
+    # Imported on use: fmn.mmdit_attention builds on this module (ConceptScores).
+    import fmn.mmdit_attention
+    return fmn.mmdit_attention
 
 
 @contextmanager
@@ -310,7 +320,12 @@ def concept_scores(unet_or_pipe, concept_weights, *, backend="auto"):
     concept_weights: [B, 77] bool/float, batch-major like the encoder_hidden_states the UNet
     will get (for a guidance batch, see fmn.spans.with_guidance). Yields a `ConceptScores`:
     `.scores`, `.layers`, `.loss()` (= forgetting_loss(scores)), `.clear()`.
+    For SD3 / FLUX: fmn.mmdit_attention.concept_scores ([B, text_len] weights, image-row scores).
     """
+    if _mmdit().is_mmdit(unet_or_pipe):
+        with _mmdit().concept_scores(unet_or_pipe, concept_weights, backend=backend) as recorder:
+            yield recorder
+        return
     weights = _checked_mask("concept_weights", concept_weights, True, _unet_of(unet_or_pipe))
     recorder = ConceptScores()
     with _configured(unet_or_pipe, backend, concept_weights=weights, recorder=recorder):
@@ -320,7 +335,12 @@ def concept_scores(unet_or_pipe, concept_weights, *, backend="auto"):
 @contextmanager
 def zero_columns(unet_or_pipe, zero_mask, *, backend="auto"):
     """Zeroes the True columns' attention probabilities (after softmax, no renormalisation) in
-    every cross-attention layer while inside. zero_mask: [B, 77] bool, batch-major."""
+    every cross-attention layer while inside. zero_mask: [B, 77] bool, batch-major.
+    For SD3 / FLUX: fmn.mmdit_attention.zero_columns ([B, text_len])."""
+    if _mmdit().is_mmdit(unet_or_pipe):
+        with _mmdit().zero_columns(unet_or_pipe, zero_mask, backend=backend):
+            yield
+        return
     mask = _checked_mask("zero_mask", zero_mask, False, _unet_of(unet_or_pipe))
     with _configured(unet_or_pipe, backend, zero_mask=mask):
         yield
@@ -343,7 +363,14 @@ def suppress(pipe, concepts, *, include_eos=False, backend="auto"):
     concepts are generated as they are, so a long prompt list can be generated in batches; if no
     call inside the block held any of the concepts, leaving it warns (most likely a misspelt
     concept). Nested `suppress` calls do not combine: the innermost wins.
+    StableDiffusion3Pipeline / FluxPipeline: see fmn.mmdit_attention.suppress (include_eos unsupported).
     """
+    if _mmdit().is_mmdit(pipe):
+        if include_eos:
+            raise ValueError("include_eos is not supported for SD3 / FLUX pipelines (no single end-of-text column)")
+        with _mmdit().suppress(pipe, concepts, backend=backend):
+            yield pipe
+        return
     if not callable(getattr(pipe, "encode_prompt", None)) or getattr(pipe, "tokenizer", None) is None:
         raise TypeError(f"pipe must be a diffusers pipeline with encode_prompt and a tokenizer, "
                         f"got {type(pipe).__name__}")

@@ -258,3 +258,37 @@ def _eval(pipe):
         if isinstance(component, torch.nn.Module):
             component.eval()
     return pipe
+
+
+class MaterializedSDPA:
+    """Replaces torch's scaled_dot_product_attention while inside `with`: explicit fp32
+    softmax(q k^T * scale) v, every probability map kept in `probs` ([B, H, S, L] each, in call
+    order). Stock diffusers processors (JointAttnProcessor2_0, FluxAttnProcessor through the
+    native dispatch) call it by attribute, so this is the materialising oracle and baseline for
+    MM-DiT layers, independent of fmn's processors. Only mask-free, non-causal calls are supported.
+    zero_mask [B, L] bool: in calls with L keys, those columns' probabilities are zeroed after the
+    softmax (no renormalisation) before multiplying by V.
+    """
+
+    def __init__(self, zero_mask=None):
+        self.probs = []
+        self.zero_mask = zero_mask
+        self._original = None
+
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if attn_mask is not None or is_causal or dropout_p:
+            raise ValueError("MaterializedSDPA supports only mask-free, non-causal, dropout-free attention")
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        probs = (torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale).softmax(-1)
+        self.probs.append(probs)
+        if self.zero_mask is not None and self.zero_mask.shape[-1] == key.shape[2]:
+            probs = probs * (~self.zero_mask)[:, None, None, :]
+        return torch.matmul(probs, value.float()).to(query.dtype)
+
+    def __enter__(self):
+        self._original = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = self
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.functional.scaled_dot_product_attention = self._original
