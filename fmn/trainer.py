@@ -542,6 +542,11 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
         raise ValueError(f"anchor must be one phrase or one per concept ({len(concepts)}), got {len(anchors)}")
     if set(anchors) & set(concepts):
         raise ValueError(f"anchor names concepts being forgotten: {sorted(set(anchors) & set(concepts))}")
+    from fmn.mmdit_attention import is_mmdit
+    if is_mmdit(pipe):  # SD3 / FLUX: the MM-DiT family's own driver until the trainer has a family seam
+        from fmn.mmdit_trainer import forget_mmdit
+        base = opts.base_model if opts.base_model is not None else (getattr(pipe, "name_or_path", "") or "")
+        return forget_mmdit(pipe, concepts, images, opts, base)
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, torch.nn.Module):
         raise ValueError(f"{type(pipe).__name__} has no UNet: fmn supports Stable Diffusion 1.x/2.x/XL pipelines")
