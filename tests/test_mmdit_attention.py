@@ -250,3 +250,15 @@ def test_foreign_processor_is_refused(pipes):
             fmn.use_fused_attention(transformer)
     finally:
         layer.set_processor(original)
+
+
+def test_flux_fused_qkv_projections_are_followed():
+    transformer = tiny_flux_pipeline().transformer
+    x = transformer_inputs("flux")
+    with torch.no_grad():
+        stock = transformer(**x)[0]
+        transformer.fuse_qkv_projections()
+        assert transformer.transformer_blocks[0].attn.fused_projections
+        with fmn.use_fused_attention(transformer, backend="reference"):
+            fused = transformer(**x)[0]
+    assert (fused - stock).abs().max().item() <= 1e-5
