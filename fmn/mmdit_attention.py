@@ -35,26 +35,21 @@ from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 
 from fmn_kernels import cross_attention
-from fmn.attention import ConceptScores
+from fmn_kernels.api import check_backend
+from fmn.attention import AttentionContext, ConceptScores, using
 from fmn.spans import mmdit_text_mask, with_guidance
 
 # Stock processors whose math the fused ones reproduce; anything else (IP-adapter, PAG, custom)
 # would silently change the model, so installing over it is refused.
 _SD3_PROCESSORS = {"JointAttnProcessor2_0", "FusedJointAttnProcessor"}
 _FLUX_PROCESSORS = {"FluxAttnProcessor", "FusedFluxAttnProcessor"}
-_BACKENDS = ("auto", "triton", "reference")
 
 
 @dataclass
-class MMDiTContext:
-    """Per-call settings of the fused MM-DiT processors (see module docstring).
-
-    text_len is set by the transformer's forward pre-hook on every call (the length of its
-    encoder_hidden_states); single-stream FLUX blocks need it to find the text columns.
-    """
-    concept_weights: torch.Tensor | None = None
-    zero_mask: torch.Tensor | None = None
-    recorder: ConceptScores | None = None
+class MMDiTContext(AttentionContext):
+    """fmn.attention's AttentionContext (concept_weights, zero_mask, recorder over the text
+    columns) plus text_len, set by the transformer's forward pre-hook on every call (the length of
+    its encoder_hidden_states): single-stream FLUX blocks need it to find the text columns."""
     text_len: int | None = None
 
 
@@ -252,8 +247,7 @@ class FusedMMDiTAttention:
     `remove()` (or leaving the `with`) puts back the original processors and removes the hook."""
 
     def __init__(self, model_or_pipe, backend="auto"):
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        check_backend(backend)
         transformer = transformer_of(model_or_pipe)
         flux = isinstance(transformer, FluxTransformer2DModel)
         allowed, processor_class = ((_FLUX_PROCESSORS, FusedFluxAttnProcessor) if flux
@@ -312,15 +306,10 @@ def configured(model_or_pipe, backend="auto", **settings):
     transformer = transformer_of(model_or_pipe)
     context = _installed_context(transformer)
     handle = None if context is not None else FusedMMDiTAttention(transformer, backend)
-    context = context if handle is None else handle.context
-    saved = {key: getattr(context, key) for key in settings}
     try:
-        for key, value in settings.items():
-            setattr(context, key, value)
-        yield context
+        with using(context if handle is None else handle.context, **settings) as set_context:
+            yield set_context
     finally:
-        for key, value in saved.items():
-            setattr(context, key, value)
         if handle is not None:
             handle.remove()
 

@@ -21,7 +21,7 @@ KINDS = ("sd1", "sd2", "sdxl")
 SAMPLE_SIZE = 8  # latent side; the VAE below halves once, so images are 16 px
 
 
-def _text_config(hidden_size, projection_dim=None):
+def text_config(hidden_size, projection_dim=None):
     extra = {} if projection_dim is None else {"projection_dim": projection_dim}
     return CLIPTextConfig(vocab_size=49408, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                           num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
@@ -75,21 +75,21 @@ def tiny_sd_pipeline(kind="sd1", seed=0):
     vae = _vae()
     if kind == "sd1":
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(_text_config(32))
+        text_encoder = CLIPTextModel(text_config(32))
         return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
                                        unet=unet, scheduler=_scheduler(), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     if kind == "sd2":
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(_text_config(48))
+        text_encoder = CLIPTextModel(text_config(48))
         return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder,
                                        tokenizer=clip_tokenizer(pad_token="!"), unet=unet,
                                        scheduler=_scheduler(), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_text_config(32))
+    text_encoder = CLIPTextModel(text_config(32))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(32, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(32, projection_dim=32))
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"),
                                      unet=unet, scheduler=_scheduler(), add_watermarker=False)
@@ -211,8 +211,8 @@ def tiny_sd3_pipeline(seed=0, dual_attention=True):
     torch.manual_seed(seed + 1)
     vae = _mmdit_vae()
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModelWithProjection(_text_config(32, projection_dim=32))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(32, projection_dim=32))
+    text_encoder = CLIPTextModelWithProjection(text_config(32, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(32, projection_dim=32))
     tokenizer_3 = t5_tokenizer()
     text_encoder_3 = _t5_encoder(tokenizer_3)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -236,7 +236,7 @@ def tiny_flux_pipeline(seed=0, guidance_embeds=True):
     torch.manual_seed(seed + 1)
     vae = _mmdit_vae()
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_text_config(32))
+    text_encoder = CLIPTextModel(text_config(32))
     tokenizer_2 = t5_tokenizer()
     text_encoder_2 = _t5_encoder(tokenizer_2)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,

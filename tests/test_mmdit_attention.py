@@ -225,7 +225,7 @@ def test_bad_inputs(pipes, kind):
     with pytest.raises(ValueError, match="concept_weights must be 2-D"):
         with fmn.concept_scores(transformer, torch.zeros(text_len(kind))):
             pass
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="backend must be 'auto'"):
         fmn.use_fused_attention(transformer, backend="cuda")
     with pytest.raises(ValueError, match="include_eos is not supported"):
         with fmn.suppress(pipes[kind], "cat", include_eos=True):

@@ -33,11 +33,13 @@ concept loss after/before, output change on unrelated prompts): SD3 attn2 0.53/0
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import torch
 
-from fmn.mmdit_attention import is_mmdit, joint_attention_layers, use_fused_attention
+from fmn.families.base import ModelFamily
+from fmn.mmdit_attention import is_mmdit, joint_attention_layers, suppress, use_fused_attention
 from fmn.spans import mmdit_family, mmdit_text_mask, pipeline_max_sequence_length
 
 TRAIN_SETS = ("attn2", "attn2-kv", "unet", "lora")
@@ -66,7 +68,7 @@ def image_ids(h: int, w: int, device) -> torch.Tensor:
     return ids.reshape(-1, 3)
 
 
-class MMDiTFamily:
+class MMDiTFamily(ModelFamily):
     """The ModelFamily answers for StableDiffusion3Pipeline and FluxPipeline (see module docstring)."""
 
     name = "mmdit"
@@ -74,7 +76,7 @@ class MMDiTFamily:
     train_sets = TRAIN_SETS
 
     def __init__(self, pipe, max_sequence_length: int | None = None):
-        self.pipe = pipe
+        super().__init__(pipe)
         self.kind = mmdit_family(pipe)
         self.text_length = max_sequence_length or pipeline_max_sequence_length(pipe)
         self._schedules = {}
@@ -82,10 +84,6 @@ class MMDiTFamily:
     @classmethod
     def matches(cls, pipe) -> bool:
         return is_mmdit(pipe) and callable(getattr(pipe, "encode_prompt", None))
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
 
     @property
     def is_flux(self) -> bool:
@@ -140,7 +138,6 @@ class MMDiTFamily:
 
     def guidance_scale(self) -> float:
         """FLUX.1-dev's guidance embedding value: the pipeline's default guidance_scale (3.5)."""
-        import inspect
         return float(inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"].default)
 
     # --- noise and targets: flow matching with the scheduler's sigmas
@@ -195,6 +192,11 @@ class MMDiTFamily:
     def fused_attention(self, backend):
         return use_fused_attention(self.pipe, backend=backend)
 
+    def suppress(self, concepts, *, include_eos=False, backend="auto"):
+        if include_eos:
+            raise ValueError("include_eos is not supported for SD3 / FLUX pipelines (no single end-of-text column)")
+        return suppress(self.pipe, concepts, backend=backend)
+
     def trainable(self, train):
         keep = {
             "attn2": lambda n: ".attn." in n,
@@ -217,6 +219,5 @@ class MMDiTFamily:
 
     def default_options(self) -> dict:
         """The pipeline's own guidance scale for the reference images (FLUX.1: 3.5; SD3: 7.0)."""
-        import inspect
         return {"guidance_scale": float(inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"]
                                         .default)}
