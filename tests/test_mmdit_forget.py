@@ -103,3 +103,15 @@ def test_bad_inputs_name_the_option():
         fmn.forget(pipe, CONCEPT, torch.zeros(1, 4, 8, 8), train="attn", **FAST)
     with pytest.raises(ValueError, match="include_eos"):
         fmn.forget(pipe, CONCEPT, torch.zeros(1, 4, 8, 8), include_eos=True, **FAST)
+
+
+def test_flux_generated_and_encoded_references_share_one_latent_form(tmp_path):
+    """Image files (VAE-encoded, unpacked) and drawn images (FluxPipeline's packed latents) mix."""
+    from PIL import Image
+    pipe = BUILD["flux"]()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(folder / "a.png")
+    patch = fmn.forget(pipe, CONCEPT, str(folder), loss="both", n_images=1, gen_steps=1, retain=["a cat"],
+                       retain_images=1, anchor="a dog", **{**FAST, "steps": 2})
+    assert patch.summary["n_reference"] == 2 and patch.summary["retain_losses"] and patch.summary["anchor_losses"]

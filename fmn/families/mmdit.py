@@ -12,9 +12,10 @@ What differs from the UNet family, and how it is answered here:
   pipeline computes it), low t = little noise; x_t = scheduler.scale_noise(x0, timestep, noise)
   = (1 - sigma) x0 + sigma noise, the target is the velocity noise - x0, and x0 = x_t - sigma v.
 - FLUX's latents: the transformer takes 2x2-packed latents [B, h/2 * w/2, 4C] with image ids
-  and a guidance embedding (FLUX.1-dev); `predict` takes latents unpacked [B, C, h, w] (the VAE's
-  space, as reference images are encoded) or packed [B, N, 4C] (what FluxPipeline returns with
-  output_type="latent", square images assumed) and answers in the same form.
+  and a guidance embedding (FLUX.1-dev); the family's latents are unpacked [B, C, h, w] like
+  VAE-encoded images (`pipeline_latents` unpacks what FluxPipeline returns with
+  output_type="latent"); `predict` packs them (it also takes packed [B, N, 4C], square assumed)
+  and answers in the form it was given.
 
 Trainable sets (the `train` option keeps the UNet family's names; what they mean here):
 - "attn2":    every projection of the attention layers that read text (SD3 joint `attn`, FLUX
@@ -216,6 +217,13 @@ class MMDiTFamily(ModelFamily):
         sample = getattr(self.denoiser.config, "sample_size", None) if not self.is_flux else None
         sample = sample or getattr(self.pipe, "default_sample_size", 128)
         return int(sample) * self.pipe.vae_scale_factor
+
+    def pipeline_latents(self, latents, resolution):
+        """FluxPipeline's output_type="latent" gives packed [B, N, 4C]: unpacked to [B, C, h, w]."""
+        if latents.dim() != 3:
+            return latents
+        side = resolution // self.pipe.vae_scale_factor
+        return unpack_latents(latents, side, side)
 
     def default_options(self) -> dict:
         """The pipeline's own guidance scale for the reference images (FLUX.1: 3.5; SD3: 7.0)."""
