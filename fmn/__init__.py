@@ -7,11 +7,12 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    # diffusers integration (fmn/attention.py, fmn/spans.py)
-    "use_fused_attention": "fmn.attention",
-    "concept_scores": "fmn.attention",
+    # diffusers integration (fmn/dispatch.py -> fmn/attention.py for UNets, fmn/mmdit_attention.py for
+    # SD3 / FLUX; fmn/spans.py)
+    "use_fused_attention": "fmn.dispatch",
+    "concept_scores": "fmn.dispatch",
     "forgetting_loss": "fmn.attention",
-    "suppress": "fmn.attention",
+    "suppress": "fmn.dispatch",
     "concept_token_mask": "fmn.spans",
     # the forgetting run and patch files (fmn/trainer.py, fmn/patch.py)
     "forget": "fmn.trainer",

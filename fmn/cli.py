@@ -82,8 +82,10 @@ def load_pipeline(model, precision="fp32", *, for_training=False, device=None):
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CLIError(f"cannot load model {model!r}: {msg}") from None
-    if not hasattr(pipe, "unet") or getattr(pipe, "text_encoder", None) is None:
-        raise CLIError(f"{model} loads as {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x/XL pipeline")
+    from fmn.mmdit_attention import is_mmdit
+    if not (hasattr(pipe, "unet") or is_mmdit(pipe)) or getattr(pipe, "text_encoder", None) is None:
+        raise CLIError(f"{model} loads as {type(pipe).__name__}, "
+                       "not a Stable Diffusion 1.x/2.x/XL, SD3 or FLUX pipeline")
     pipe.to(_device(device))
     return pipe
 
@@ -354,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"fmn {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL); "
+    def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL, SD3, FLUX.1); "
                              "default: the built-in toy model"):
         p.add_argument("--model", default=None, help=model_help)
         p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",

@@ -126,7 +126,7 @@ def generate_latents(family, prompts, seeds, resolution, opts, device, suppresse
                 out = pipe(**kw).images
     finally:
         pipe._progress_bar_config = old
-    return out.to(device, torch.float32)
+    return family.pipeline_latents(out, resolution).to(device, torch.float32)
 
 
 @dataclass

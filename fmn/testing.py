@@ -167,3 +167,128 @@ def set_cross_attention_processor(unet, processor) -> dict:
             originals[name] = module.processor
             module.set_processor(processor)
     return originals
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny MM-DiT pipelines (SD3 / SD3.5 and FLUX.1), offline: random weights from configs, the CLIP
+# tokenizer from fmn's shipped BPE, a small trained T5 tokenizer (fmn.tokenizer.t5_tokenizer).
+# The VAE downsamples 8x like the real ones, so 64 px images give 8x8 latents: 16 image tokens
+# (SD3 patch 2; FLUX packs 2x2). Every component is in eval mode (T5 has dropout).
+# ---------------------------------------------------------------------------------------------
+MMDIT_KINDS = ("sd3", "flux")
+MMDIT_IMAGE_SIZE = 64
+MMDIT_T5_LENGTH = {"sd3": 32, "flux": 32}  # a short max_sequence_length that tests can pass
+
+
+def _mmdit_vae():
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1, norm_num_groups=4, sample_size=MMDIT_IMAGE_SIZE,
+                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5)
+
+
+def _t5_encoder(tokenizer, d_model=64):
+    from transformers import T5Config, T5EncoderModel
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=64, num_layers=1, num_heads=4,
+                      relative_attention_num_buckets=8, dropout_rate=0.1, feed_forward_proj="gated-gelu",
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config)
+
+
+def tiny_sd3_pipeline(seed=0, dual_attention=True):
+    """A tiny random StableDiffusion3Pipeline: 2 joint blocks with 2 heads of 16 (rms_norm QK norm,
+    the first block with SD3.5's second, image-only attention when dual_attention), CLIP-L/G of
+    width 32 each (concatenated 64 = the joint text width), T5 of width 64."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from fmn.tokenizer import t5_tokenizer
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=MMDIT_IMAGE_SIZE // 8, patch_size=2, in_channels=4,
+                                        out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                                        pos_embed_max_size=16, qk_norm="rms_norm",
+                                        dual_attention_layers=(0,) if dual_attention else ())
+    torch.manual_seed(seed + 1)
+    vae = _mmdit_vae()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(text_config(32, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(32, projection_dim=32))
+    tokenizer_3 = t5_tokenizer()
+    text_encoder_3 = _t5_encoder(tokenizer_3)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+                                    text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(pad_token="!"),
+                                    text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    return _eval(pipe)
+
+
+def tiny_flux_pipeline(seed=0, guidance_embeds=True):
+    """A tiny random FluxPipeline: 1 double-stream and 2 single-stream blocks with 2 heads of 16,
+    RoPE axes (4, 6, 6), T5 of width 64 as the sequence text, CLIP (width 32) pooled; guidance
+    embedding as in FLUX.1-dev (guidance_embeds=False: schnell's layout)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from fmn.tokenizer import t5_tokenizer
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 6, 6))
+    torch.manual_seed(seed + 1)
+    vae = _mmdit_vae()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(text_config(32))
+    tokenizer_2 = t5_tokenizer()
+    text_encoder_2 = _t5_encoder(tokenizer_2)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                        tokenizer=clip_tokenizer(), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    return _eval(pipe)
+
+
+def tiny_mmdit_pipeline(kind="sd3", seed=0):
+    """tiny_sd3_pipeline or tiny_flux_pipeline by name."""
+    if kind not in MMDIT_KINDS:
+        raise ValueError(f"kind must be one of {MMDIT_KINDS}, got {kind!r}")
+    return tiny_sd3_pipeline(seed) if kind == "sd3" else tiny_flux_pipeline(seed)
+
+
+def _eval(pipe):
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+class MaterializedSDPA:
+    """Replaces torch's scaled_dot_product_attention while inside `with`: explicit fp32
+    softmax(q k^T * scale) v, every probability map kept in `probs` ([B, H, S, L] each, in call
+    order). Stock diffusers processors (JointAttnProcessor2_0, FluxAttnProcessor through the
+    native dispatch) call it by attribute, so this is the materialising oracle and baseline for
+    MM-DiT layers, independent of fmn's processors. Only mask-free, non-causal calls are supported.
+    zero_mask [B, L] bool: in calls with L keys, those columns' probabilities are zeroed after the
+    softmax (no renormalisation) before multiplying by V.
+    """
+
+    def __init__(self, zero_mask=None):
+        self.probs = []
+        self.zero_mask = zero_mask
+        self._original = None
+
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if attn_mask is not None or is_causal or dropout_p:
+            raise ValueError("MaterializedSDPA supports only mask-free, non-causal, dropout-free attention")
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        probs = (torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale).softmax(-1)
+        self.probs.append(probs)
+        if self.zero_mask is not None and self.zero_mask.shape[-1] == key.shape[2]:
+            probs = probs * (~self.zero_mask)[:, None, None, :]
+        return torch.matmul(probs, value.float()).to(query.dtype)
+
+    def __enter__(self):
+        self._original = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = self
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.functional.scaled_dot_product_attention = self._original

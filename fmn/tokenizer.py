@@ -86,3 +86,40 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77,
             raise ValueError("words must name at least one word")
     return CLIPTokenizer.from_pretrained(_vocab_folder(words), pad_token=pad_token,
                                          model_max_length=model_max_length)
+
+
+# Text the small T5 tokenizer is trained on: every ASCII letter, digit and common punctuation
+# mark, so that no character maps to <unk>, plus prompt-like words so that words get pieces.
+_T5_CORPUS = (
+    "a painting of a dog by Van Gogh", "a photo of a cat on a sofa", "starry night over the city",
+    "a red circle and a blue square", "portrait of a woman, oil on canvas", "Mickey Mouse at the beach",
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789",
+    "( ) [ ] { } , . ; : ! ? ' \" - _ / \\ & % $ # @ * + = < > | ~ ` ^",
+)
+
+
+@lru_cache(maxsize=1)
+def _t5_backend_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=256, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                                      show_progress=False)
+    tokenizer.train_from_iterator(list(_T5_CORPUS) * 8, trainer)
+    # T5 appends end-of-sequence to every text (id 1), and pads with id 0.
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    return tokenizer.to_str()
+
+
+def t5_tokenizer(model_max_length: int = 512):
+    """A small T5TokenizerFast (SentencePiece-style Unigram with "▁" word markers, cased, <pad>=0,
+    </s>=1, <unk>=2) trained offline on a fixed text: T5's tokenization behaviour at toy size,
+    for tiny SD3/FLUX pipelines. Deterministic: the same text always gives the same ids."""
+    from tokenizers import Tokenizer
+    from transformers import T5TokenizerFast
+    backend = Tokenizer.from_str(_t5_backend_json())
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)

@@ -33,7 +33,39 @@ def concept_attention_reference(q, k, v, scale, concept_weights=None, zero_mask=
     out = torch.matmul(kept.to(v.dtype), v).to(dtype)
     score = None
     if concept_weights is not None:
-        acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
-        w = concept_weights.to(acc)[:, None, None, :]
-        score = (probs.to(acc).square() * w).sum(-1)
+        score = _ConceptScore.apply(probs, concept_weights)
     return out, score
+
+
+# Rows of P turned into float32 at a time by the score: bounds the temporary to ~16 MiB.
+_SCORE_CHUNK_ELEMENTS = 1 << 22
+
+
+class _ConceptScore(torch.autograd.Function):
+    """c = sum_j w_j p_ij^2 in float32 (float64 for float64 P), without a full-size float32 copy of P.
+
+    Autograd through `probs.float().square()` would keep a float32 copy of P for the backward
+    (2x P's size in bf16/fp16) and build two more in the forward; here the forward converts a
+    bounded chunk of rows at a time and the backward, 2 g_i w_j p_ij, reuses P itself, which the
+    attention's own backward keeps anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, probs, weights):
+        acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+        w = weights.to(acc)[:, None, None, :]
+        B, H, N, L = probs.shape
+        rows = max(1, _SCORE_CHUNK_ELEMENTS // max(1, B * H * L))
+        score = torch.cat([(probs[:, :, i:i + rows].to(acc).square() * w).sum(-1) for i in range(0, N, rows)], dim=2)
+        ctx.save_for_backward(probs, weights)
+        return score
+
+    @staticmethod
+    def backward(ctx, grad_score):
+        probs, weights = ctx.saved_tensors
+        w = weights.to(probs.dtype)[:, None, None, :]
+        grad_probs = probs * w * (2 * grad_score).to(probs.dtype)[..., None]
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            grad_weights = (probs.to(grad_score.dtype).square() * grad_score[..., None]).sum((1, 2))
+        return grad_probs, grad_weights

@@ -129,3 +129,93 @@ def test_small_vocabulary_splits_its_words_as_clip_does():
     assert small.convert_tokens_to_ids("<|endoftext|>") == len(small) - 1
     with pytest.raises(ValueError, match="words"):
         clip_tokenizer(words=[" "])
+
+
+# ---- spans from character offsets (CLIP and T5) and MM-DiT joint text columns ----
+from fmn.spans import concept_char_spans, concept_offset_mask, mmdit_text_mask  # noqa: E402
+from fmn.tokenizer import t5_tokenizer  # noqa: E402
+
+T5 = t5_tokenizer()
+
+
+def marked_text(tok, prompt, mask_row, max_length):
+    """The prompt characters covered by the marked tokens, joined (readable expectations)."""
+    offsets = tok(prompt, padding="max_length", truncation=True, max_length=max_length,
+                  return_offsets_mapping=True).offset_mapping
+    return "".join(prompt[s:e] for i, (s, e) in enumerate(offsets) if mask_row[i]).replace(" ", "")
+
+
+def test_char_spans_are_case_insensitive_and_word_bounded():
+    text = "Van Gogh, van  gogh; VanGogh van goghs (Van Gogh)"
+    assert concept_char_spans(text, "van gogh") == [(0, 8), (10, 19), (40, 48)]
+    assert concept_char_spans("a cat and a catalogue", "cat") == [(2, 5)]
+    with pytest.raises(ValueError, match="is empty"):
+        concept_char_spans("a cat", "  ")
+
+
+def test_t5_token_ids_do_not_match_but_offsets_do():
+    prompt = "A painting (Van Gogh) of starry night"
+    ids = T5(prompt, add_special_tokens=False).input_ids
+    phrase = T5("Van Gogh", add_special_tokens=False).input_ids
+    assert not any(ids[i:i + len(phrase)] == phrase for i in range(len(ids)))  # "▁ V an" vs "( V an"
+    mask = concept_offset_mask(T5, [prompt], ["Van Gogh"], max_length=40)
+    assert mask.shape == (1, 40)
+    assert marked_text(T5, prompt, mask[0], 40) == "VanGogh"
+    assert not mask[0, T5(prompt, padding="max_length", max_length=40).input_ids.index(1):].any()  # </s>, <pad>
+
+
+@TOKENIZERS
+def test_offset_mask_agrees_with_token_id_mask_on_clip(tok):
+    prompts = ["a painting of a dog in the style of van gogh", "van gogh and a cat, van gogh."]
+    assert torch.equal(concept_offset_mask(tok, prompts, ["Van Gogh"], max_length=77),
+                       concept_token_mask(tok, prompts, ["van gogh"]))
+
+
+def test_offset_mask_missing_and_truncation():
+    with pytest.raises(ValueError, match="does not occur"):
+        concept_offset_mask(T5, ["a photo of a cat"], ["dog"], max_length=32)
+    with pytest.raises(ValueError, match="past the truncation at max_length 6"):
+        concept_offset_mask(T5, ["a photo of a red cat"], ["cat"], max_length=6)
+    assert not concept_offset_mask(T5, ["a photo of a cat"], ["dog"], max_length=32, missing="ignore").any()
+    with pytest.raises(ValueError, match="max_length must be an int"):
+        concept_offset_mask(T5, ["a cat"], ["cat"], max_length=1)
+
+
+@pytest.fixture(scope="module")
+def mmdit_pipes():
+    from fmn.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+    return {"sd3": tiny_sd3_pipeline(), "flux": tiny_flux_pipeline()}
+
+
+def test_sd3_layout_clip_columns_then_t5_columns(mmdit_pipes):
+    pipe = mmdit_pipes["sd3"]
+    prompts = ["a dog by Van Gogh", "a photo of a cat"]
+    mask = mmdit_text_mask(pipe, prompts, ["van gogh"], max_sequence_length=24, missing="ignore")
+    assert mask.shape == (2, 77 + 24)
+    assert torch.equal(mask[:, :77], concept_offset_mask(pipe.tokenizer, prompts, "van gogh", max_length=77,
+                                                         missing="ignore"))
+    assert marked_text(pipe.tokenizer_3, prompts[0], mask[0, 77:], 24) == "VanGogh"
+    assert not mask[1].any()
+    assert mmdit_text_mask(pipe, prompts[:1], "dog").shape == (1, 77 + 256)  # the pipeline's default, not 512
+
+
+def test_sd3_prompt_2_and_3_add_their_own_columns(mmdit_pipes):
+    pipe = mmdit_pipes["sd3"]
+    mask = mmdit_text_mask(pipe, ["a dog"], "cat", prompt_2=["a cat"], prompt_3=["the cat sat"],
+                           max_sequence_length=16)
+    assert columns(mask[0, :77]) == [2]  # CLIP-G's "cat" is column 2 of the shared 77
+    assert marked_text(pipe.tokenizer_3, "the cat sat", mask[0, 77:], 16) == "cat"
+
+
+def test_flux_layout_is_t5_only_and_per_prompt_concepts(mmdit_pipes):
+    pipe = mmdit_pipes["flux"]
+    prompts = ["a cat and a dog", "a dog and a cat"]
+    mask = mmdit_text_mask(pipe, prompts, [["cat"], ["dog"]], max_sequence_length=20)
+    assert mask.shape == (2, 20)
+    assert marked_text(pipe.tokenizer_2, prompts[0], mask[0], 20) == "cat"
+    assert marked_text(pipe.tokenizer_2, prompts[1], mask[1], 20) == "dog"
+    assert mmdit_text_mask(pipe, ["a cat"], "cat").shape == (1, 512)  # FluxPipeline's default
+    with pytest.raises(ValueError, match="found by none of the text encoders"):
+        mmdit_text_mask(pipe, prompts, "horse")
+    with pytest.raises(TypeError, match="StableDiffusion3Pipeline or FluxPipeline"):
+        mmdit_text_mask(object(), prompts, "cat")

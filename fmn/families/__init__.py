@@ -1,9 +1,10 @@
 """Model families (see fmn.families.base): `family_for(pipe)` picks the one that handles a pipeline."""
 from fmn.families.base import ModelFamily, Prompts
+from fmn.families.mmdit import MMDiTFamily
 from fmn.families.unet import UNetFamily
 
 # Tried in order; a new family (SD3, FLUX) is one module and one entry here.
-FAMILIES: tuple[type[ModelFamily], ...] = (UNetFamily,)
+FAMILIES: tuple[type[ModelFamily], ...] = (UNetFamily, MMDiTFamily)
 
 
 def family_for(pipe) -> ModelFamily:
@@ -11,7 +12,8 @@ def family_for(pipe) -> ModelFamily:
     for family in FAMILIES:
         if family.matches(pipe):
             return family(pipe)
-    raise ValueError(f"{type(pipe).__name__} has no UNet: fmn supports Stable Diffusion 1.x/2.x/XL pipelines")
+    raise ValueError(f"{type(pipe).__name__} has no UNet or SD3/FLUX transformer: fmn supports Stable Diffusion "
+                     "1.x/2.x/XL, SD3 and FLUX.1 pipelines")
 
 
-__all__ = ["ModelFamily", "Prompts", "UNetFamily", "FAMILIES", "family_for"]
+__all__ = ["ModelFamily", "Prompts", "UNetFamily", "MMDiTFamily", "FAMILIES", "family_for"]

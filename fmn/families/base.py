@@ -142,3 +142,8 @@ class ModelFamily(ABC):
     def default_options(self) -> dict:
         """ForgetOptions values this family prefers over the paper's defaults (none by default)."""
         return {}
+
+    def pipeline_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+        """The pipeline's output_type="latent" images in the denoiser's latent space, shaped like
+        VAE-encoded reference images (identity by default; FLUX unpacks its 2x2-packed latents)."""
+        return latents
