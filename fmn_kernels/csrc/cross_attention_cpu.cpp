@@ -28,6 +28,10 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (its C name; mkl.h maps mkl_set_num_threads_local to it): inside
+// our parallel region the products must run single-threaded, or MKL starts a nested thread team
+// on every call (measured: 100x slower on 2 busy cores).
+extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 
 namespace fmn_cpu {
 namespace {
@@ -41,6 +45,17 @@ bool use_blas() {
   const char* mode = std::getenv("FMN_CPU_GEMM");
   return sgemm_ != nullptr && !(mode && std::strcmp(mode, "portable") == 0);
 }
+
+// Keeps the BLAS single-threaded on the calling thread while alive.
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
 
 // Row-major C[m x n] = alpha op(A) op(B) + beta C; op(X) = X^T when trans_x.
 void portable_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
@@ -282,6 +297,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k32, const at::Tensor& 
   const int64_t vs[3] = {v32.stride(0), v32.stride(1), v32.stride(2)};
   const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
   at::parallel_for(0, d.B * d.H * qblocks, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded;
     std::vector<float> qbuf(kBlockM * d.D), sbuf(kBlockM * kBlockN);
     RowState st(d.D);
     for (int64_t t = begin; t < end; ++t) {
@@ -427,6 +443,7 @@ void backward_impl(const BwdTensors& a, const KeyVectors& kvec, float scale) {
   const int64_t qblocks = (d.N + kBlockM - 1) / kBlockM, splits = a.dk_ws.size(0);
   const bool blas = use_blas();
   at::parallel_for(0, d.B * d.H * splits, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded;
     BwdScratch sc(d.D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / splits, split = t % splits;
