@@ -38,8 +38,17 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kBlockM = 64;    // query rows per tile
-constexpr int64_t kBlockN = 512;   // keys per tile (SD's 77 text tokens: one tile)
+// Tile sizes (override with -DFMN_BLOCK_M=... for tuning). On 2 cores, fp32, rows per tile
+// 64 / 128 / 256 gave backward 614 / 549-690 / 480-632 ms at N=1024 L=4608 D=128 and 213 / 182 /
+// 235 ms at SD 2.1's N=4096 L=77 (loaded machine, noisy): 128 it is.
+#ifndef FMN_BLOCK_M
+#define FMN_BLOCK_M 128
+#endif
+#ifndef FMN_BLOCK_N
+#define FMN_BLOCK_N 512
+#endif
+constexpr int64_t kBlockM = FMN_BLOCK_M;  // query rows per tile
+constexpr int64_t kBlockN = FMN_BLOCK_N;  // keys per tile (SD's 77 text tokens: one tile)
 
 bool use_blas() {
   const char* mode = std::getenv("FMN_CPU_GEMM");
