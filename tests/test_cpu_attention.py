@@ -99,6 +99,16 @@ def test_matches_float64_with_all_masks(shape, dtype):
     check_against_oracle(shape, dtype, make_masks(shape[0], shape[3]))
 
 
+def test_backward_split_over_threads():
+    """One head, 3 threads: the query rows are split over 3 tasks, their dK/dV partials summed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        check_against_oracle((1, 1, 300, 77, 40), torch.float32, make_masks(1, 77))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("which", ["none", "concept_weights", "zero_mask", "key_mask"])
 def test_each_mask_alone(which):
     masks = make_masks(2, 77)

@@ -114,7 +114,11 @@ float exp_row(float* x, int64_t n, float shift, const float* w, float* wsq) {
   int64_t j = 0;
   Vec vsum(0.f), vwsq(0.f), vshift(shift);
   for (; j + Vec::size() <= n; j += Vec::size()) {
+#ifdef FMN_FAST_EXP
+    Vec e = (Vec::loadu(x + j) - vshift).exp_u20();
+#else
     Vec e = (Vec::loadu(x + j) - vshift).exp();
+#endif
     e.store(x + j);
     vsum = vsum + e;
     if (w) vwsq = at::vec::fmadd(Vec::loadu(w + j) * e, e, vwsq);
@@ -463,10 +467,15 @@ void backward_impl(const BwdTensors& a, const KeyVectors& kvec, float scale) {
   });
 }
 
-// How many tasks share the query rows of one head: enough tasks to keep every thread busy.
+// How many tasks share the query rows of one head. Each split holds its own fp32 dK/dV
+// ([B, H, L, D]), so take the fewest that keep the threads at least 80% busy.
 int64_t dkdv_splits(int64_t heads, int64_t qblocks, int64_t* tiles_per_split) {
-  const int64_t target = 4 * at::get_num_threads();
-  const int64_t wanted = std::clamp<int64_t>((target + heads - 1) / heads, 1, qblocks);
+  const int64_t threads = at::get_num_threads();
+  int64_t wanted = 1;
+  for (; wanted < qblocks; ++wanted) {
+    const int64_t tasks = heads * wanted, waves = (tasks + threads - 1) / threads;
+    if (5 * tasks >= 4 * threads * waves) break;
+  }
   *tiles_per_split = (qblocks + wanted - 1) / wanted;
   return (qblocks + *tiles_per_split - 1) / *tiles_per_split;
 }
