@@ -33,7 +33,7 @@ class CMakeBuild(build_ext):
             if os.environ.get("FMN_REQUIRE_CPU_KERNELS", "0") not in ("", "0"):
                 raise
             warnings.warn(f"fmn: building the native CPU kernels failed ({e}); fmn_kernels will use the "
-                          "materialising reference on CPU")
+                          "materialising reference on CPU", stacklevel=2)
             self._failed = True
 
     def _cmake(self, target):

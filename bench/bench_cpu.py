@@ -15,6 +15,7 @@ Writes bench/results/cpu_attention.json and .png.
     python bench/bench_cpu.py [--quick] [--joint] [--threads 2] [--rounds 3] [--dtype float32]
 """
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -71,7 +72,7 @@ def measure(cases, providers, dtype, rounds, repeats):
         for case in cases:
             inputs = make_case(*case[1:], dtype)
             for provider in providers:
-                fn = lambda: fwd_bwd(provider, *inputs)  # noqa: E731
+                fn = functools.partial(fwd_bwd, provider, *inputs)
                 times[(case, provider)].append(time_ms(fn, torch.device("cpu"), repeats))
                 if r == 0:
                     peaks[(case, provider)] = peak_memory_mib(fn, torch.device("cpu"))
