@@ -53,7 +53,7 @@ class ForgetOptions:
     lora_alpha: float | None = None    # None: = rank
     precision: str = "fp32"            # fp32 | bf16 | fp16 (autocast; trained tensors kept in fp32)
     gradient_checkpointing: bool = False
-    backend: str = "auto"              # fused attention backend: auto | triton | reference
+    backend: str = "auto"              # fused attention backend: auto | triton | cpu | reference
     inversion: bool = False
     inversion_steps: int = 500
     inversion_tokens: int = 4

@@ -1,18 +1,20 @@
 """`cross_attention`: input checks and backend choice for fused concept attention."""
 import torch
 
+from .ops.cpu_attention import auto_cpu_backend, concept_attention_cpu
 from .reference import concept_attention_reference
 from .utils import triton_interpreting
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
 def check_backend(backend) -> str:
     """`backend` if it is one of BACKENDS, else a ValueError naming the choices."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        choices = ", ".join(map(repr, BACKENDS[:-1])) + f" or {BACKENDS[-1]!r}"
+        raise ValueError(f"backend must be {choices}, got {backend!r}")
     return backend
 
 
@@ -74,8 +76,9 @@ def cross_attention(q, k, v, *, scale=None, concept_weights=None, zero_mask=None
         zero_mask: None or [B, L] bool; True columns have their probabilities zeroed after the
             softmax, without renormalising.
         key_mask: None or [B, L] bool; True = the key takes part in the softmax.
-        backend: "triton", "reference" or "auto" (triton on CUDA, or on CPU under
-            TRITON_INTERPRET=1; reference otherwise).
+        backend: "triton", "cpu", "reference" or "auto" (triton on CUDA, or on CPU under
+            TRITON_INTERPRET=1; else "cpu", the native C++ kernels, for float32/bfloat16/float16
+            CPU tensors, falling back to the reference with a warning when they are not built).
 
     Returns:
         out [B, H, N, D] in q's dtype, and concept_score [B, H, N] float32 = sum_j w_j p_ij^2
@@ -88,7 +91,10 @@ def cross_attention(q, k, v, *, scale=None, concept_weights=None, zero_mask=None
         scale = q.shape[-1] ** -0.5
     scale = float(scale)
     if backend == "auto":
-        backend = "triton" if (q.is_cuda or triton_interpreting()) else "reference"
+        backend = "triton" if (q.is_cuda or triton_interpreting()) else (
+            auto_cpu_backend() if q.dtype in _DTYPES else "reference")
+    if backend == "cpu":
+        return concept_attention_cpu(q, k, v, scale, concept_weights, zero_mask, key_mask)
     if backend == "reference":
         return concept_attention_reference(q, k, v, scale, concept_weights, zero_mask, key_mask,
                                            upcast=True)

@@ -235,7 +235,7 @@ def test_auto_backend_on_cpu_follows_interpreter(monkeypatch):
     ("weights_shape", ValueError, r"concept_weights must have shape \[B, L\] = \[2, 77\]"),
     ("zero_mask_dtype", TypeError, "zero_mask must be bool"),
     ("key_mask_type", TypeError, "key_mask must be a torch.Tensor"),
-    ("backend", ValueError, "backend must be 'auto', 'triton' or 'reference'"),
+    ("backend", ValueError, "backend must be 'auto', 'triton', 'cpu' or 'reference'"),
 ])
 def test_bad_input_names_the_argument(case, error, match):
     q, k, v = make_inputs(2, 2, 4, 77, 64, torch.float32)

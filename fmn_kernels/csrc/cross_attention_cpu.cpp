@@ -1,0 +1,525 @@
+// Fused concept attention on the CPU: forward and backward, no N x L map in memory.
+//
+// Math (per batch b, head h; see fmn_kernels/ops/cross_attention.py and the project notes):
+//   s_ij = scale q_i.k_j (keys with valid_j = 0 left out), p_ij = softmax_j(s_ij),
+//   o_i = sum_j keep_j p_ij v_j,   c_i = sum_j w_j p_ij^2,   lse_i = log sum_j exp(s_ij).
+// Forward: online softmax over key blocks with running max M, sum l and r = sum_j w_j exp(2(s_ij - M)).
+// Backward, with dO and g = dLoss/dc:
+//   dp_ij = keep_j dO_i.v_j + 2 g_i w_j p_ij,  delta_i = dO_i.o_i + 2 g_i c_i,  ds_ij = p_ij (dp_ij - delta_i)
+//   dQ = scale dS K,  dK = scale dS^T Q,  dV = (P keep)^T dO.
+// Work is split over (batch, head, query block) tasks with at::parallel_for. Each task keeps one
+// [query block x key block] score tile in a per-thread buffer. In the backward a task owns a range
+// of query rows of one head and accumulates dK/dV for that head into its own fp32 slice of a
+// workspace, summed over the slices afterwards: no two threads write the same memory.
+// Matrix products go to the BLAS that PyTorch links (sgemm_, as ATen's own CPU kernels do); when
+// it is absent, or FMN_CPU_GEMM=portable is set, to plain loops.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (its C name; mkl.h maps mkl_set_num_threads_local to it): inside
+// our parallel region the products must run single-threaded, or MKL starts a nested thread team
+// on every call (measured: 100x slower on 2 busy cores).
+extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
+
+namespace fmn_cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Tile sizes (override with -DFMN_BLOCK_M=... for tuning). On 2 cores, fp32, rows per tile
+// 64 / 128 / 256 gave backward 614 / 549-690 / 480-632 ms at N=1024 L=4608 D=128 and 213 / 182 /
+// 235 ms at SD 2.1's N=4096 L=77 (loaded machine, noisy): 128 it is.
+#ifndef FMN_BLOCK_M
+#define FMN_BLOCK_M 128
+#endif
+#ifndef FMN_BLOCK_N
+#define FMN_BLOCK_N 512
+#endif
+constexpr int64_t kBlockM = FMN_BLOCK_M;  // query rows per tile
+constexpr int64_t kBlockN = FMN_BLOCK_N;  // keys per tile (SD's 77 text tokens: one tile)
+
+bool use_blas() {
+  const char* mode = std::getenv("FMN_CPU_GEMM");
+  return sgemm_ != nullptr && !(mode && std::strcmp(mode, "portable") == 0);
+}
+
+// Keeps the BLAS single-threaded on the calling thread while alive.
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+// Row-major C[m x n] = alpha op(A) op(B) + beta C; op(X) = X^T when trans_x.
+void portable_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                   const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  std::vector<float> row(n);
+  for (int64_t i = 0; i < m; ++i) {
+    std::fill(row.begin(), row.end(), 0.f);
+    for (int64_t p = 0; p < k; ++p) {
+      const float a_ip = trans_a ? a[p * lda + i] : a[i * lda + p];
+      if (trans_b) {
+        for (int64_t j = 0; j < n; ++j) row[j] += a_ip * b[j * ldb + p];
+      } else {
+        const float* b_p = b + p * ldb;
+        for (int64_t j = 0; j < n; ++j) row[j] += a_ip * b_p[j];
+      }
+    }
+    float* c_i = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) c_i[j] = alpha * row[j] + (beta == 0.f ? 0.f : beta * c_i[j]);
+  }
+}
+
+void gemm(bool blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (!blas) return portable_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  // Column-major BLAS sees the row-major C as C^T = op(B)^T op(A)^T.
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mi = n, ni = m, ki = k, la = ldb, lb = lda, lc = ldc;
+  sgemm_(&tb, &ta, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
+}
+
+// ---- vectorised row helpers (x has n floats) ----
+
+float row_max(const float* x, int64_t n) {
+  int64_t j = 0;
+  float mx = kNegInf;
+  if (n >= Vec::size()) {
+    Vec vmax(kNegInf);
+    for (; j + Vec::size() <= n; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + j));
+    mx = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
+  }
+  for (; j < n; ++j) mx = std::max(mx, x[j]);
+  return mx;
+}
+
+// x = exp(x - shift) in place; returns sum_j x_j and, when w is given, *wsq = sum_j w_j x_j^2.
+float exp_row(float* x, int64_t n, float shift, const float* w, float* wsq) {
+  int64_t j = 0;
+  Vec vsum(0.f), vwsq(0.f), vshift(shift);
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+#ifdef FMN_FAST_EXP
+    Vec e = (Vec::loadu(x + j) - vshift).exp_u20();
+#else
+    Vec e = (Vec::loadu(x + j) - vshift).exp();
+#endif
+    e.store(x + j);
+    vsum = vsum + e;
+    if (w) vwsq = at::vec::fmadd(Vec::loadu(w + j) * e, e, vwsq);
+  }
+  float sum = at::vec::vec_reduce_all<float>(std::plus<Vec>(), vsum);
+  float ws = w ? at::vec::vec_reduce_all<float>(std::plus<Vec>(), vwsq) : 0.f;
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    sum += x[j];
+    if (w) ws += w[j] * x[j] * x[j];
+  }
+  if (wsq) *wsq = ws;
+  return sum;
+}
+
+void add_row(float* x, const float* y, int64_t n) {
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) + Vec::loadu(y + j)).store(x + j);
+  for (; j < n; ++j) x[j] += y[j];
+}
+
+void mul_row(float* x, const float* y, int64_t n) {
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * Vec::loadu(y + j)).store(x + j);
+  for (; j < n; ++j) x[j] *= y[j];
+}
+
+void scale_row(float* x, float a, int64_t n) {
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * Vec(a)).store(x + j);
+  for (; j < n; ++j) x[j] *= a;
+}
+
+// ---- loading rows as fp32 ----
+
+// Rows of a [rows, d] slice with row stride `stride` as fp32: float data is used in place
+// (*ld = stride), other dtypes are converted into buf (*ld = d).
+template <typename T>
+const float* rows_as_float(const T* src, int64_t stride, int64_t rows, int64_t d, float* buf, int64_t* ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    *ld = stride;
+    return src;
+  } else {
+    for (int64_t i = 0; i < rows; ++i) at::vec::convert(src + i * stride, buf + i * d, d);
+    *ld = d;
+    return buf;
+  }
+}
+
+template <typename T>
+void store_row(const float* x, float factor, T* dst, int64_t d) {
+  for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(x[c] * factor);
+}
+
+// Per-key vectors of one (sample, key block): -inf for left-out keys, weights, kept factors.
+struct KeyBlock {
+  const float* bias = nullptr;  // 0 or -inf, added to the scores
+  const float* w = nullptr;
+  const float* keep = nullptr;
+};
+
+struct KeyVectors {
+  const float* w;      // [B, L] or null
+  const float* keep;   // [B, L] or null
+  at::Tensor bias;     // [B, L] 0 / -inf, undefined when every key is valid
+  int64_t L;
+  KeyBlock block(int64_t b, int64_t j0) const {
+    KeyBlock kb;
+    if (bias.defined()) kb.bias = bias.data_ptr<float>() + b * L + j0;
+    if (w) kb.w = w + b * L + j0;
+    if (keep) kb.keep = keep + b * L + j0;
+    return kb;
+  }
+};
+
+KeyVectors key_vectors(const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& keep,
+                       const std::optional<at::Tensor>& valid, int64_t L) {
+  KeyVectors kv{nullptr, nullptr, at::Tensor(), L};
+  if (w) kv.w = w->data_ptr<float>();
+  if (keep) kv.keep = keep->data_ptr<float>();
+  if (valid) kv.bias = at::where(*valid != 0, 0.0f, kNegInf).to(at::kFloat).contiguous();
+  return kv;
+}
+
+std::optional<at::Tensor> as_key_vector(const std::optional<at::Tensor>& t, const char* name, int64_t B, int64_t L) {
+  if (!t) return std::nullopt;
+  TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == L, name, " must have shape [B, L] = [", B, ", ", L,
+              "], got ", t->sizes());
+  return t->to(at::kFloat).contiguous();
+}
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.device().is_cpu(), "fmn::concept_attention_cpu needs CPU tensors, got q on ", q.device());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D [B, H, seq, D]");
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "k must match q in batch, heads and head dim, got q ", q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "q, k, v must share one dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "fmn::concept_attention_cpu supports float32, bfloat16 and float16, got ", q.scalar_type());
+}
+
+// Calls f(T{}) with T the C++ type of dtype (checked by check_qkv).
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kHalf: return f(at::Half{});
+    default: TORCH_CHECK(false, "unsupported dtype ", dtype);
+  }
+}
+
+// ---- forward ----
+
+struct Dims {
+  int64_t B, H, N, L, D;
+};
+
+// Per-row running state of the online softmax for one query tile.
+struct RowState {
+  std::vector<float> max, sum, wsq, acc;  // acc: [rows, D]
+  explicit RowState(int64_t D) : max(kBlockM), sum(kBlockM), wsq(kBlockM), acc(kBlockM * D) {}
+};
+
+// Turns one tile of scores s[rows x n] (ld kBlockN) into kept probabilities and updates the state.
+void online_softmax_tile(float* s, int64_t rows, int64_t n, const KeyBlock& kb, RowState& st, int64_t D) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s_i = s + i * kBlockN;
+    if (kb.bias) add_row(s_i, kb.bias, n);
+    const float new_max = std::max(st.max[i], row_max(s_i, n));
+    const float shift = new_max == kNegInf ? 0.f : new_max;  // every key so far left out: all p are 0
+    const float rescale = std::exp(st.max[i] - shift);
+    float wsq = 0.f;
+    const float sum = exp_row(s_i, n, shift, kb.w, kb.w ? &wsq : nullptr);
+    st.sum[i] = st.sum[i] * rescale + sum;
+    st.wsq[i] = st.wsq[i] * rescale * rescale + wsq;
+    if (rescale != 1.f) scale_row(st.acc.data() + i * D, rescale, D);
+    if (kb.keep) mul_row(s_i, kb.keep, n);
+    st.max[i] = new_max;
+  }
+}
+
+template <typename T>
+void forward_tile(const Dims& d, const KeyVectors& kvec, const T* q, const float* k, const float* v,
+                  const int64_t* qs, const int64_t* ks, const int64_t* vs, float scale, bool blas,
+                  int64_t b, int64_t h, int64_t i0, float* qbuf, float* sbuf, RowState& st,
+                  T* out, const int64_t* os, float* score, float* lse) {
+  const int64_t rows = std::min(kBlockM, d.N - i0), D = d.D;
+  int64_t ldq;
+  const float* qp = rows_as_float(q + b * qs[0] + h * qs[1] + i0 * qs[2], qs[2], rows, D, qbuf, &ldq);
+  std::fill(st.max.begin(), st.max.end(), kNegInf);
+  std::fill(st.sum.begin(), st.sum.end(), 0.f);
+  std::fill(st.wsq.begin(), st.wsq.end(), 0.f);
+  std::fill(st.acc.begin(), st.acc.end(), 0.f);
+  for (int64_t j0 = 0; j0 < d.L; j0 += kBlockN) {
+    const int64_t n = std::min(kBlockN, d.L - j0);
+    const float* kp = k + b * ks[0] + h * ks[1] + j0 * ks[2];
+    const float* vp = v + b * vs[0] + h * vs[1] + j0 * vs[2];
+    gemm(blas, false, true, rows, n, D, scale, qp, ldq, kp, ks[2], 0.f, sbuf, kBlockN);
+    online_softmax_tile(sbuf, rows, n, kvec.block(b, j0), st, D);
+    gemm(blas, false, false, rows, D, n, 1.f, sbuf, kBlockN, vp, vs[2], 1.f, st.acc.data(), D);
+  }
+  const int64_t row0 = (b * d.H + h) * d.N + i0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float l = st.sum[i];
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // l = 0: every key left out, o = 0 and c = 0
+    store_row(st.acc.data() + i * D, inv, out + b * os[0] + h * os[1] + (i0 + i) * os[2], D);
+    score[row0 + i] = st.wsq[i] * inv * inv;
+    lse[row0 + i] = l > 0.f ? st.max[i] + std::log(l) : std::numeric_limits<float>::infinity();
+  }
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k32, const at::Tensor& v32, const KeyVectors& kvec,
+                  float scale, at::Tensor& out, at::Tensor& score, at::Tensor& lse) {
+  const Dims d{q.size(0), q.size(1), q.size(2), k32.size(2), q.size(3)};
+  const int64_t qblocks = (d.N + kBlockM - 1) / kBlockM;
+  const bool blas = use_blas();
+  const T* qp = q.data_ptr<T>();
+  const float *kp = k32.data_ptr<float>(), *vp = v32.data_ptr<float>();
+  T* op = out.data_ptr<T>();
+  float *sp = score.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
+  const int64_t ks[3] = {k32.stride(0), k32.stride(1), k32.stride(2)};
+  const int64_t vs[3] = {v32.stride(0), v32.stride(1), v32.stride(2)};
+  const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  at::parallel_for(0, d.B * d.H * qblocks, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded;
+    std::vector<float> qbuf(kBlockM * d.D), sbuf(kBlockM * kBlockN);
+    RowState st(d.D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / qblocks, i0 = (t % qblocks) * kBlockM;
+      forward_tile<T>(d, kvec, qp, kp, vp, qs, ks, vs, scale, blas, bh / d.H, bh % d.H, i0, qbuf.data(),
+                      sbuf.data(), st, op, os, sp, lp);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> concept_attention_cpu_fwd(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& weights,
+    const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& valid, double scale) {
+  check_qkv(q_in, k_in, v_in);
+  const at::Tensor q = last_dim_contiguous(q_in);
+  // K and V are read once per query tile: convert them to fp32 once ([B, H, L, D], like k itself).
+  const at::Tensor k32 = last_dim_contiguous(k_in.to(at::kFloat)), v32 = last_dim_contiguous(v_in.to(at::kFloat));
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k_in.size(2);
+  const auto w = as_key_vector(weights, "weights", B, L), kp = as_key_vector(keep, "keep", B, L),
+             vl = as_key_vector(valid, "valid", B, L);
+  const KeyVectors kvec = key_vectors(w, kp, vl, L);
+  at::Tensor out = at::empty_like(q_in);
+  at::Tensor score = at::empty({B, H, N}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    forward_impl<decltype(tag)>(q, k32, v32, kvec, static_cast<float>(scale), out, score, lse);
+  });
+  return {out, score, lse};
+}
+
+// ---- backward ----
+
+// One row of dS from dP (= dO_i . v_j, or 0 without dO) and P, in place in dp:
+// ds_j = p_j (keep_j dp_j + two_g w_j p_j - delta).
+void ds_row(float* dp, const float* p, const float* keep, const float* w, float two_g, float delta, int64_t n) {
+  int64_t j = 0;
+  const Vec vg(two_g), vdelta(delta);
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec pj = Vec::loadu(p + j);
+    Vec dpj = Vec::loadu(dp + j);
+    if (keep) dpj = dpj * Vec::loadu(keep + j);
+    if (w) dpj = at::vec::fmadd(vg * Vec::loadu(w + j), pj, dpj);
+    (pj * (dpj - vdelta)).store(dp + j);
+  }
+  for (; j < n; ++j) {
+    float dpj = keep ? dp[j] * keep[j] : dp[j];
+    if (w) dpj += two_g * w[j] * p[j];
+    dp[j] = p[j] * (dpj - delta);
+  }
+}
+
+float dot(const float* x, const float* y, int64_t n) {
+  float s = 0.f;
+  for (int64_t j = 0; j < n; ++j) s += x[j] * y[j];
+  return s;
+}
+
+struct BwdTensors {
+  Dims d;
+  const at::Tensor &q, &k32, &v32, &out, &score, &lse;
+  const std::optional<at::Tensor>& dout;  // last dim contiguous
+  const std::optional<at::Tensor>& dscore;  // fp32 contiguous [B, H, N]
+  at::Tensor& dq;     // contiguous [B, H, N, D]
+  at::Tensor& dk_ws;  // fp32 [splits, B, H, L, D], zeroed
+  at::Tensor& dv_ws;
+  int64_t tiles_per_split;
+};
+
+// Per-thread scratch of the backward.
+struct BwdScratch {
+  std::vector<float> q, dout, out, s, dp, dq, delta, two_g;
+  explicit BwdScratch(int64_t D)
+      : q(kBlockM * D), dout(kBlockM * D), out(kBlockM * D), s(kBlockM * kBlockN), dp(kBlockM * kBlockN),
+        dq(kBlockM * D), delta(kBlockM), two_g(kBlockM) {}
+};
+
+// Row terms of one query tile: delta_i = dO_i . o_i + 2 g_i c_i and 2 g_i.
+template <typename T>
+void tile_row_terms(const BwdTensors& a, int64_t b, int64_t h, int64_t i0, int64_t rows, const float* dop,
+                    int64_t lddo, BwdScratch& sc) {
+  const int64_t D = a.d.D, row0 = (b * a.d.H + h) * a.d.N + i0;
+  const float* c = a.score.data_ptr<float>() + row0;
+  const float* g = a.dscore ? a.dscore->data_ptr<float>() + row0 : nullptr;
+  int64_t ldo = 0;
+  const float* op = nullptr;
+  if (dop) {
+    const T* o = a.out.data_ptr<T>() + b * a.out.stride(0) + h * a.out.stride(1) + i0 * a.out.stride(2);
+    op = rows_as_float(o, a.out.stride(2), rows, D, sc.out.data(), &ldo);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    sc.two_g[i] = g ? 2.f * g[i] : 0.f;
+    sc.delta[i] = (dop ? dot(dop + i * lddo, op + i * ldo, D) : 0.f) + sc.two_g[i] * c[i];
+  }
+}
+
+// dQ of one query tile (written to a.dq) and its share of dK, dV (added to this split's workspace).
+template <typename T>
+void backward_tile(const BwdTensors& a, const KeyVectors& kvec, float scale, bool blas, int64_t b, int64_t h,
+                   int64_t split, int64_t i0, BwdScratch& sc) {
+  const Dims& d = a.d;
+  const int64_t rows = std::min(kBlockM, d.N - i0), D = d.D, row0 = (b * d.H + h) * d.N + i0;
+  int64_t ldq, lddo = 0;
+  const T* qt = a.q.data_ptr<T>() + b * a.q.stride(0) + h * a.q.stride(1) + i0 * a.q.stride(2);
+  const float* qp = rows_as_float(qt, a.q.stride(2), rows, D, sc.q.data(), &ldq);
+  const float* dop = nullptr;
+  if (a.dout) {
+    const at::Tensor& g = *a.dout;
+    const T* dt = g.data_ptr<T>() + b * g.stride(0) + h * g.stride(1) + i0 * g.stride(2);
+    dop = rows_as_float(dt, g.stride(2), rows, D, sc.dout.data(), &lddo);
+  }
+  tile_row_terms<T>(a, b, h, i0, rows, dop, lddo, sc);
+  const float* lse = a.lse.data_ptr<float>() + row0;
+  const int64_t ws_off = ((split * d.B + b) * d.H + h) * d.L * D;
+  float *dk = a.dk_ws.data_ptr<float>() + ws_off, *dv = a.dv_ws.data_ptr<float>() + ws_off;
+  for (int64_t j0 = 0; j0 < d.L; j0 += kBlockN) {
+    const int64_t n = std::min(kBlockN, d.L - j0);
+    const KeyBlock kb = kvec.block(b, j0);
+    const float* kp = a.k32.data_ptr<float>() + b * a.k32.stride(0) + h * a.k32.stride(1) + j0 * a.k32.stride(2);
+    const float* vp = a.v32.data_ptr<float>() + b * a.v32.stride(0) + h * a.v32.stride(1) + j0 * a.v32.stride(2);
+    float *s = sc.s.data(), *dp = sc.dp.data();
+    gemm(blas, false, true, rows, n, D, scale, qp, ldq, kp, a.k32.stride(2), 0.f, s, kBlockN);
+    if (dop) gemm(blas, false, true, rows, n, D, 1.f, dop, lddo, vp, a.v32.stride(2), 0.f, dp, kBlockN);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* s_i = s + i * kBlockN;
+      if (kb.bias) add_row(s_i, kb.bias, n);
+      exp_row(s_i, n, lse[i], nullptr, nullptr);  // p_ij; lse = +inf on rows with every key left out
+      if (!dop) std::fill(dp + i * kBlockN, dp + i * kBlockN + n, 0.f);
+      ds_row(dp + i * kBlockN, s_i, kb.keep, kb.w, sc.two_g[i], sc.delta[i], n);
+      if (dop && kb.keep) mul_row(s_i, kb.keep, n);
+    }
+    if (dop) gemm(blas, true, false, n, D, rows, 1.f, s, kBlockN, dop, lddo, 1.f, dv + j0 * D, D);
+    gemm(blas, true, false, n, D, rows, scale, dp, kBlockN, qp, ldq, 1.f, dk + j0 * D, D);
+    gemm(blas, false, false, rows, D, n, scale, dp, kBlockN, kp, a.k32.stride(2), j0 == 0 ? 0.f : 1.f,
+         sc.dq.data(), D);
+  }
+  T* dq = a.dq.data_ptr<T>() + row0 * D;
+  for (int64_t i = 0; i < rows; ++i) store_row(sc.dq.data() + i * D, 1.f, dq + i * D, D);
+}
+
+template <typename T>
+void backward_impl(const BwdTensors& a, const KeyVectors& kvec, float scale) {
+  const Dims& d = a.d;
+  const int64_t qblocks = (d.N + kBlockM - 1) / kBlockM, splits = a.dk_ws.size(0);
+  const bool blas = use_blas();
+  at::parallel_for(0, d.B * d.H * splits, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded;
+    BwdScratch sc(d.D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / splits, split = t % splits;
+      const int64_t first = split * a.tiles_per_split, last = std::min(qblocks, first + a.tiles_per_split);
+      for (int64_t tile = first; tile < last; ++tile)
+        backward_tile<T>(a, kvec, scale, blas, bh / d.H, bh % d.H, split, tile * kBlockM, sc);
+    }
+  });
+}
+
+// How many tasks share the query rows of one head. Each split holds its own fp32 dK/dV
+// ([B, H, L, D]), so take the fewest that keep the threads at least 80% busy.
+int64_t dkdv_splits(int64_t heads, int64_t qblocks, int64_t* tiles_per_split) {
+  const int64_t threads = at::get_num_threads();
+  int64_t wanted = 1;
+  for (; wanted < qblocks; ++wanted) {
+    const int64_t tasks = heads * wanted, waves = (tasks + threads - 1) / threads;
+    if (5 * tasks >= 4 * threads * waves) break;
+  }
+  *tiles_per_split = (qblocks + wanted - 1) / wanted;
+  return (qblocks + *tiles_per_split - 1) / *tiles_per_split;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> concept_attention_cpu_bwd(
+    const std::optional<at::Tensor>& dout_in, const std::optional<at::Tensor>& dscore_in, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& score_in,
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& keep,
+    const std::optional<at::Tensor>& valid, double scale) {
+  check_qkv(q_in, k_in, v_in);
+  const at::Tensor q = last_dim_contiguous(q_in), out = last_dim_contiguous(out_in.to(q.scalar_type()));
+  const at::Tensor k32 = last_dim_contiguous(k_in.to(at::kFloat)), v32 = last_dim_contiguous(v_in.to(at::kFloat));
+  const at::Tensor score = score_in.to(at::kFloat).contiguous(), lse = lse_in.to(at::kFloat).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k_in.size(2), D = q.size(3);
+  const auto w = as_key_vector(weights, "weights", B, L), kp = as_key_vector(keep, "keep", B, L),
+             vl = as_key_vector(valid, "valid", B, L);
+  const KeyVectors kvec = key_vectors(w, kp, vl, L);
+  std::optional<at::Tensor> dout, dscore;
+  if (dout_in) dout = last_dim_contiguous(dout_in->to(q.scalar_type()));
+  if (dscore_in && w) dscore = dscore_in->to(at::kFloat).contiguous();
+  int64_t tiles_per_split;
+  const int64_t splits = dkdv_splits(B * H, (N + kBlockM - 1) / kBlockM, &tiles_per_split);
+  at::Tensor dq = at::empty({B, H, N, D}, q.options());
+  at::Tensor dk_ws = at::zeros({splits, B, H, L, D}, q.options().dtype(at::kFloat));
+  at::Tensor dv_ws = at::zeros({splits, B, H, L, D}, q.options().dtype(at::kFloat));
+  BwdTensors a{{B, H, N, L, D}, q, k32, v32, out, score, lse, dout, dscore, dq, dk_ws, dv_ws, tiles_per_split};
+  dispatch_dtype(q.scalar_type(), [&](auto tag) { backward_impl<decltype(tag)>(a, kvec, static_cast<float>(scale)); });
+  at::Tensor dk = (splits == 1 ? dk_ws[0] : dk_ws.sum(0)).to(q.scalar_type());
+  at::Tensor dv = (splits == 1 ? dv_ws[0] : dv_ws.sum(0)).to(q.scalar_type());
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace fmn_cpu
+
+TORCH_LIBRARY_FRAGMENT(fmn, m) {
+  m.def("concept_attention_cpu_fwd(Tensor q, Tensor k, Tensor v, Tensor? weights, Tensor? keep, Tensor? valid, "
+        "float scale) -> (Tensor out, Tensor score, Tensor lse)");
+  m.def("concept_attention_cpu_bwd(Tensor? dout, Tensor? dscore, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor score, Tensor lse, Tensor? weights, Tensor? keep, Tensor? valid, float scale) "
+        "-> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+TORCH_LIBRARY_IMPL(fmn, CPU, m) {
+  m.impl("concept_attention_cpu_fwd", &fmn_cpu::concept_attention_cpu_fwd);
+  m.impl("concept_attention_cpu_bwd", &fmn_cpu::concept_attention_cpu_bwd);
+}
