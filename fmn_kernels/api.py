@@ -1,16 +1,11 @@
 """`cross_attention`: input checks and backend choice for fused concept attention."""
-import os
-
 import torch
 
 from .reference import concept_attention_reference
+from .utils import triton_interpreting
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _check_mask(name, mask, batch, keys, device, allow_float):

@@ -1,0 +1,309 @@
+"""Ahead-of-time compile check of the Triton kernels for real GPUs, on a machine without one.
+
+    python -m fmn_kernels.aot --arch 90 --arch 80 [--arch 86] [--subset ci|full] [--json FILE]
+
+For each target it runs the host code (fmn_kernels.ops.cross_attention.forward / backward) on CPU
+tensors of real model shapes, with a fake Triton driver that reports the target, and Triton's
+JITFunction.run patched to compile without launching (warmup). So every kernel variant that the
+host would launch on that GPU -- tiles, constexprs, warps, stages, integer specialisation -- is
+compiled by Triton and ptxas, and a variant above the target's shared memory raises OutOfResources
+as it would when loaded on the GPU (the host then falls back to a smaller tile: counted as a failure
+of the table here). Per compiled variant it reports shared memory, registers, spill bytes (ptxas -v)
+and the number of vector / scalar global loads in the PTX.
+
+Exit status 1 when any variant exceeds shared memory, spills, or needed a fallback tile; 2 when
+ptxas is missing. Each target compiles in its own process (the fake driver must not meet real
+Triton use); this process only starts them and merges their results.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ARCH_SM_COUNT = {90: 132, 80: 108, 86: 84, 89: 128}
+
+# (name, B, H, N, L, D): the attention calls of each model at its native resolution, batch 2
+# (classifier-free guidance). SD3.5 / FLUX: joint attention over image + text tokens.
+SHAPES_FULL = [
+    ("sd15-64px-D40", 2, 8, 4096, 77, 40), ("sd15-32px-D80", 2, 8, 1024, 77, 80),
+    ("sd15-16px-D160", 2, 8, 256, 77, 160), ("sd15-8px-D160", 2, 8, 64, 77, 160),
+    ("sd21-64px-D64", 2, 5, 4096, 77, 64), ("sd21-32px-D64", 2, 10, 1024, 77, 64),
+    ("sd21-16px-D64", 2, 20, 256, 77, 64),
+    ("sdxl-128px-D64", 2, 10, 4096, 77, 64), ("sdxl-64px-D64", 2, 20, 1024, 77, 64),
+    ("sd35m-joint-D64", 2, 24, 4429, 4429, 64), ("flux1-joint-D128", 1, 24, 4608, 4608, 128),
+    ("odd-L300-D128", 1, 4, 1000, 300, 128), ("odd-L154-D256", 1, 2, 333, 154, 256),
+]
+SHAPES_CI = [SHAPES_FULL[0], SHAPES_FULL[2], SHAPES_FULL[4], SHAPES_FULL[10]]
+DTYPES_FULL = ("fp32-ieee", "fp32-tf32", "fp16", "bf16")
+DTYPES_CI = ("fp32-ieee", "fp32-tf32", "bf16")
+MASKS_FULL = ("none", "weights", "zero", "all")
+MASKS_CI = ("all",)
+# out+score: the fused loss uses both outputs; score: the attention loss alone (no dO).
+GRADS_FULL = ("out+score", "score")
+GRADS_CI = ("out+score",)
+
+
+def _ptxas_path():
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return path if path.exists() else None
+
+
+class _Recorder:
+    """Patches JITFunction.run: compile for the fake target, never launch; record each variant."""
+
+    def __init__(self, arch, smem_limit):
+        self.arch, self.smem_limit = arch, smem_limit
+        self.variants = {}  # compiled kernel hash -> row
+        self.context = {}
+
+    def install(self):
+        import triton
+        from triton.runtime import jit
+        from triton.runtime.errors import OutOfResources
+
+        original = jit.JITFunction.run
+        recorder = self
+        triton.knobs.nvidia.dump_ptxas_log = True
+
+        def run(fn_self, *args, grid, warmup, **kwargs):
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                kernel = original(fn_self, *args, grid=grid, warmup=True, **kwargs)
+            row = recorder.record(fn_self.fn.__name__, kernel, log.getvalue(), kwargs, grid)
+            if not row["smem_ok"]:
+                raise OutOfResources(row["shared"], recorder.smem_limit, "shared memory")
+            return kernel
+
+        jit.JITFunction.run = run
+
+    def record(self, name, kernel, ptxas_log, kwargs, grid):
+        row = self.variants.get(kernel.hash)
+        if row is None:
+            md = kernel.metadata
+            row = dict(arch=self.arch, kernel=name, num_warps=md.num_warps, num_stages=md.num_stages,
+                       shared=md.shared, smem_limit=self.smem_limit, smem_ok=md.shared <= self.smem_limit,
+                       **{k: v for k, v in kwargs.items() if k.isupper()}, **_ptxas_numbers(ptxas_log),
+                       **_load_counts(kernel.asm.get("ptx", "")), cases=[])
+            self.variants[kernel.hash] = row
+        grid = grid if isinstance(grid, tuple) else ()
+        row["cases"].append(dict(self.context, grid=list(grid)))
+        return row
+
+
+def _ptxas_numbers(log):
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not regs:
+        return dict(regs=None, spill_stores=None, spill_loads=None)
+    return dict(regs=int(regs[-1]), spill_stores=int(spills[-1][0]) if spills else None,
+                spill_loads=int(spills[-1][1]) if spills else None)
+
+
+def _load_counts(ptx):
+    loads = re.findall(r"ld\.global[\w.]*", ptx)
+    vector = sum(1 for op in loads if ".v2" in op or ".v4" in op or ".v8" in op)
+    return dict(vector_loads=vector, scalar_loads=len(loads) - vector)
+
+
+def _install_fake_driver(arch, smem_limit):
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class Utils:
+        @staticmethod
+        def get_device_properties(device):
+            return dict(max_shared_mem=smem_limit, multiprocessor_count=ARCH_SM_COUNT.get(arch, 100),
+                        max_num_regs=65536, warpSize=32)
+
+    class FakeDriver:
+        utils = Utils()
+
+        def is_active(self):
+            return True
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def map_python_to_cpp_type(self, ty):
+            return ty
+
+    driver.set_active(FakeDriver())
+
+
+def _inputs(B, H, N, L, D, dtype, masks):
+    """Zero tensors in diffusers' layout: q [B, N, H, D] in memory, k and v from one fused projection."""
+    import torch
+
+    q = torch.zeros(B, N, H, D, dtype=dtype).transpose(1, 2)
+    kv = torch.zeros(B, L, 2, H, D, dtype=dtype)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    w = torch.zeros(B, L) if masks in ("weights", "all") else None
+    zero = torch.zeros(B, L, dtype=torch.bool) if masks in ("zero", "all") else None
+    valid = torch.ones(B, L, dtype=torch.bool) if masks == "all" else None
+    return q, k, v, w, zero, valid
+
+
+def _compile_cases(recorder, shapes, dtypes, mask_sets, grad_modes):
+    import torch
+
+    from fmn_kernels.ops import cross_attention as ca
+
+    dtype_of = {"fp32-ieee": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    errors = []
+    for name, B, H, N, L, D in shapes:
+        for dtype_name in dtypes:
+            torch.backends.cuda.matmul.allow_tf32 = dtype_name == "fp32-tf32"
+            for masks in mask_sets:
+                q, k, v, w, zero, valid = _inputs(B, H, N, L, D, dtype_of[dtype_name], masks)
+                for grads in grad_modes:
+                    if grads == "score" and w is None:
+                        continue
+                    for det in (False, True):
+                        recorder.context = dict(case=name, dtype=dtype_name, masks=masks, grads=grads,
+                                                deterministic=det)
+                        torch.use_deterministic_algorithms(det)
+                        try:
+                            scale = D ** -0.5
+                            out, score, lse = ca.forward(q, k, v, w, zero, valid, scale)
+                            dout = torch.zeros_like(out) if grads == "out+score" else None
+                            dscore = torch.zeros_like(lse) if w is not None else None
+                            ca.backward(q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale)
+                        except Exception as e:  # recorded, and fails the check
+                            errors.append(dict(recorder.context, error=f"{type(e).__name__}: {str(e)[:300]}"))
+                        finally:
+                            torch.use_deterministic_algorithms(False)
+    return errors
+
+
+def worker(arch, subset, out_path, shape_names=None, dtype_names=None):
+    """Runs in its own process: compile every variant for one target, write rows as JSON."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"fmn-aot-sm{arch}-")
+    from .ops.configs import SMEM_LIMIT, arch_class
+
+    smem_limit = SMEM_LIMIT[arch_class(arch)]
+    _install_fake_driver(arch, smem_limit)
+    recorder = _Recorder(arch, smem_limit)
+    recorder.install()
+    full = subset == "full"
+    shapes = SHAPES_FULL if full else SHAPES_CI
+    if shape_names:
+        shapes = [s for s in SHAPES_FULL if s[0] in shape_names.split(",")]
+    dtypes = dtype_names.split(",") if dtype_names else (DTYPES_FULL if full else DTYPES_CI)
+    errors = _compile_cases(recorder, shapes, dtypes, MASKS_FULL if full else MASKS_CI,
+                            GRADS_FULL if full else GRADS_CI)
+    import shutil
+
+    shutil.rmtree(os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
+    _write_json(out_path, dict(arch=arch, variants=list(recorder.variants.values()), errors=errors))
+
+
+def _write_json(path, payload):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def failures(result):
+    """Problems of one target's result: overflows, spills, fallbacks, errors (strings)."""
+    problems = [f"error: {e}" for e in result["errors"]]
+    for row in result["variants"]:
+        label = f"{row['kernel']} BLOCK_M={row.get('BLOCK_M')} BLOCK_N={row.get('BLOCK_N')} " \
+                f"BLOCK_D={row.get('BLOCK_D')} warps={row['num_warps']} stages={row['num_stages']}"
+        if not row["smem_ok"]:
+            problems.append(f"shared memory {row['shared']} > {row['smem_limit']}: {label} (fallback tile taken)")
+        if row["spill_stores"] is None:
+            problems.append(f"no ptxas report: {label}")
+        elif row["spill_stores"] or row["spill_loads"]:
+            problems.append(f"spills {row['spill_stores']}/{row['spill_loads']} bytes: {label} regs={row['regs']}")
+    return problems
+
+
+def summary(result):
+    rows = result["variants"]
+    fitted = [r for r in rows if r["smem_ok"]]
+    return dict(arch=result["arch"], variants=len(rows), launched=len(fitted),
+                max_shared=max((r["shared"] for r in fitted), default=0), smem_limit=rows[0]["smem_limit"] if rows else None,
+                max_regs=max((r["regs"] or 0 for r in rows), default=0),
+                spill_bytes=sum((r["spill_stores"] or 0) + (r["spill_loads"] or 0) for r in rows),
+                problems=len(failures(result)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fmn_kernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(ARCH_SM_COUNT),
+                        help="target compute capability, e.g. 90 (H100/H200), 80 (A100), 86 (RTX 30xx); repeat")
+    parser.add_argument("--subset", choices=("full", "ci"), default="full",
+                        help="full: every shape, dtype, mask set and gradient mode; ci: a representative few")
+    parser.add_argument("--json", type=Path, help="write all variants' rows here (one JSON per target if given a "
+                        "pattern containing {arch})")
+    parser.add_argument("--shapes", help="comma-separated shape names to keep (default: the subset's)")
+    parser.add_argument("--dtypes", help=f"comma-separated, of {','.join(DTYPES_FULL)} (default: the subset's)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    archs = args.arch or [90, 80]
+    if args.worker:
+        worker(archs[0], args.subset, args.json, args.shapes, args.dtypes)
+        return 0
+    if _ptxas_path() is None:
+        print("ptxas not found in triton's nvidia backend: cannot compile ahead of time", file=sys.stderr)
+        return 2
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fmn-aot-") as tmp:
+        procs = []
+        for arch in archs:  # one process per target, run side by side
+            part = Path(tmp) / f"sm{arch}.json"
+            cmd = [sys.executable, "-m", "fmn_kernels.aot", "--worker", "--arch", str(arch),
+                   "--subset", args.subset, "--json", str(part)]
+            cmd += ["--shapes", args.shapes] if args.shapes else []
+            cmd += ["--dtypes", args.dtypes] if args.dtypes else []
+            procs.append((arch, part, subprocess.Popen(cmd)))
+        for arch, part, proc in procs:
+            if proc.wait() != 0 or not part.exists():
+                print(f"sm_{arch}: compile worker failed (exit {proc.returncode})", file=sys.stderr)
+                return 1
+            results.append(json.loads(part.read_text()))
+    status = 0
+    for result in results:
+        s = summary(result)
+        print(f"sm_{s['arch']}: {s['variants']} variants, max shared {s['max_shared']} / {s['smem_limit']} B, "
+              f"max regs {s['max_regs']}, spill bytes {s['spill_bytes']}, problems {s['problems']}")
+        for problem in failures(result):
+            print("  ", problem)
+            status = 1
+    if args.json:
+        import triton
+
+        payload = dict(triton=triton.__version__, subset=args.subset, summary=[summary(r) for r in results],
+                       results=results)
+        if "{arch}" in str(args.json):
+            for result in results:
+                _write_json(str(args.json).format(arch=result["arch"]),
+                            dict(payload, summary=[summary(result)], results=[result]))
+        else:
+            _write_json(args.json, payload)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
