@@ -39,10 +39,11 @@ SHAPES_FULL = [
     ("sd35m-joint-D64", 2, 24, 4429, 4429, 64), ("flux1-joint-D128", 1, 24, 4608, 4608, 128),
     ("odd-L300-D128", 1, 4, 1000, 300, 128), ("odd-L154-D256", 1, 2, 333, 154, 256),
 ]
-SHAPES_CI = [SHAPES_FULL[0], SHAPES_FULL[2], SHAPES_FULL[4], SHAPES_FULL[10]]
+SHAPES_CI = [SHAPES_FULL[0], SHAPES_FULL[10]]
 DTYPES_FULL = ("fp32-ieee", "fp32-tf32", "fp16", "bf16")
 DTYPES_CI = ("fp32-ieee", "fp32-tf32", "bf16")
-MASKS_FULL = ("none", "weights", "zero", "all")
+# none: plain attention; weights: the trainer's concept weights; all: weights, zero mask, key mask.
+MASKS_FULL = ("all", "weights", "none")
 MASKS_CI = ("all",)
 # out+score: the fused loss uses both outputs; score: the attention loss alone (no dO).
 GRADS_FULL = ("out+score", "score")
@@ -93,6 +94,10 @@ class _Recorder:
                        **{k: v for k, v in kwargs.items() if k.isupper()}, **_ptxas_numbers(ptxas_log),
                        **_load_counts(kernel.asm.get("ptx", "")), cases=[])
             self.variants[kernel.hash] = row
+            print(f"sm_{self.arch} {name} {self.context.get('case')} {self.context.get('dtype')} "
+                  f"BLOCK_M={row.get('BLOCK_M')} BLOCK_N={row.get('BLOCK_N')} warps={md.num_warps} "
+                  f"stages={md.num_stages}: shared {md.shared}, regs {row['regs']}, spills {row['spill_stores']}",
+                  file=sys.stderr, flush=True)
         grid = grid if isinstance(grid, tuple) else ()
         row["cases"].append(dict(self.context, grid=list(grid)))
         return row
@@ -148,9 +153,12 @@ def _install_fake_driver(arch, smem_limit):
     driver.set_active(FakeDriver())
 
 
-def _inputs(B, H, N, L, D, dtype, masks):
+def _inputs(B, H, N, L, D, dtype_name, masks):
     """Zero tensors in diffusers' layout: q [B, N, H, D] in memory, k and v from one fused projection."""
     import torch
+
+    dtype = {"fp32-ieee": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float16,
+             "bf16": torch.bfloat16}[dtype_name]
 
     q = torch.zeros(B, N, H, D, dtype=dtype).transpose(1, 2)
     kv = torch.zeros(B, L, 2, H, D, dtype=dtype)
@@ -161,36 +169,48 @@ def _inputs(B, H, N, L, D, dtype, masks):
     return q, k, v, w, zero, valid
 
 
-def _compile_cases(recorder, shapes, dtypes, mask_sets, grad_modes):
+def _compile_cases(recorder, shapes, dtypes, mask_sets, grad_modes, checkpoint):
+    """Runs the host code for every case; checkpoint(errors, done) after each (masks, shape, dtype).
+    The worst case (all masks) comes first, so an interrupted run has still covered every shape."""
     import torch
 
-    from fmn_kernels.ops import cross_attention as ca
-
-    dtype_of = {"fp32-ieee": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     errors = []
-    for name, B, H, N, L, D in shapes:
-        for dtype_name in dtypes:
-            torch.backends.cuda.matmul.allow_tf32 = dtype_name == "fp32-tf32"
-            for masks in mask_sets:
-                q, k, v, w, zero, valid = _inputs(B, H, N, L, D, dtype_of[dtype_name], masks)
+    for masks in mask_sets:
+        for name, B, H, N, L, D in shapes:
+            for dtype_name in dtypes:
+                torch.backends.cuda.matmul.allow_tf32 = dtype_name == "fp32-tf32"
+                inputs = _inputs(B, H, N, L, D, dtype_name, masks)
                 for grads in grad_modes:
-                    if grads == "score" and w is None:
+                    if grads == "score" and masks != "weights":  # the attention loss: weights alone
                         continue
                     for det in (False, True):
                         recorder.context = dict(case=name, dtype=dtype_name, masks=masks, grads=grads,
                                                 deterministic=det)
-                        torch.use_deterministic_algorithms(det)
-                        try:
-                            scale = D ** -0.5
-                            out, score, lse = ca.forward(q, k, v, w, zero, valid, scale)
-                            dout = torch.zeros_like(out) if grads == "out+score" else None
-                            dscore = torch.zeros_like(lse) if w is not None else None
-                            ca.backward(q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale)
-                        except Exception as e:  # recorded, and fails the check
-                            errors.append(dict(recorder.context, error=f"{type(e).__name__}: {str(e)[:300]}"))
-                        finally:
-                            torch.use_deterministic_algorithms(False)
+                        error = _compile_case(inputs, D ** -0.5, grads, det)
+                        if error:
+                            errors.append(dict(recorder.context, error=error))
+                checkpoint(errors, f"{masks}/{name}/{dtype_name}")
     return errors
+
+
+def _compile_case(inputs, scale, grads, deterministic):
+    """Forward and backward through the host code (compiles, launches nothing); an error or None."""
+    import torch
+
+    from fmn_kernels.ops import cross_attention as ca
+
+    q, k, v, w, zero, valid = inputs
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out, score, lse = ca.forward(q, k, v, w, zero, valid, scale)
+        dout = torch.zeros_like(out) if grads == "out+score" else None
+        dscore = torch.zeros_like(lse) if w is not None else None
+        ca.backward(q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale)
+    except Exception as e:  # recorded, and fails the check
+        return f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return None
 
 
 def worker(arch, subset, out_path, shape_names=None, dtype_names=None):
@@ -208,12 +228,20 @@ def worker(arch, subset, out_path, shape_names=None, dtype_names=None):
     if shape_names:
         shapes = [s for s in SHAPES_FULL if s[0] in shape_names.split(",")]
     dtypes = dtype_names.split(",") if dtype_names else (DTYPES_FULL if full else DTYPES_CI)
+    done = []
+
+    def checkpoint(errors, case):  # a partial file survives an interrupted run, marked incomplete
+        done.append(case)
+        _write_json(out_path, dict(arch=arch, variants=list(recorder.variants.values()), errors=errors,
+                                   cases_done=done, complete=False))
+
     errors = _compile_cases(recorder, shapes, dtypes, MASKS_FULL if full else MASKS_CI,
-                            GRADS_FULL if full else GRADS_CI)
+                            GRADS_FULL if full else GRADS_CI, checkpoint)
     import shutil
 
     shutil.rmtree(os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
-    _write_json(out_path, dict(arch=arch, variants=list(recorder.variants.values()), errors=errors))
+    _write_json(out_path, dict(arch=arch, variants=list(recorder.variants.values()), errors=errors,
+                               cases_done=done, complete=True))
 
 
 def _write_json(path, payload):
@@ -227,6 +255,10 @@ def _write_json(path, payload):
 def failures(result):
     """Problems of one target's result: overflows, spills, fallbacks, errors (strings)."""
     problems = [f"error: {e}" for e in result["errors"]]
+    if not result.get("complete", True):
+        missing = result.get("cases_missing")
+        problems.append(f"incomplete run: {len(result.get('cases_done', []))} (masks/shape/dtype) cases compiled"
+                        + (f", {len(missing)} missing" if missing else ""))
     for row in result["variants"]:
         label = f"{row['kernel']} BLOCK_M={row.get('BLOCK_M')} BLOCK_N={row.get('BLOCK_N')} " \
                 f"BLOCK_D={row.get('BLOCK_D')} warps={row['num_warps']} stages={row['num_stages']}"
@@ -249,6 +281,51 @@ def summary(result):
                 problems=len(failures(result)))
 
 
+def merge(parts, subset):
+    """One result per target from several worker files (e.g. a run split by shapes, or interrupted):
+    variants deduplicated, complete when every (masks, shape, dtype) case of the subset was done."""
+    expected = {f"{m}/{shape[0]}/{d}" for m in (MASKS_FULL if subset == "full" else MASKS_CI)
+                for shape in (SHAPES_FULL if subset == "full" else SHAPES_CI)
+                for d in (DTYPES_FULL if subset == "full" else DTYPES_CI)}
+    merged = {}
+    for part in parts:
+        result = merged.setdefault(part["arch"], dict(arch=part["arch"], variants={}, errors=[], cases_done=[]))
+        for row in part["variants"]:
+            key = json.dumps({k: v for k, v in row.items() if k != "cases"}, sort_keys=True)
+            result["variants"].setdefault(key, dict(row, cases=[]))["cases"].extend(row["cases"])
+        result["errors"] += part["errors"]
+        result["cases_done"] += [c for c in part["cases_done"] if c not in result["cases_done"]]
+    for result in merged.values():
+        result["variants"] = list(result["variants"].values())
+        missing = sorted(expected - set(result["cases_done"]))
+        result.update(complete=not missing, cases_missing=missing)
+    return [merged[arch] for arch in sorted(merged, reverse=True)]
+
+
+def report(results, json_path, subset):
+    """Prints one line per target and every problem; writes the JSON; returns the exit status."""
+    status = 0
+    for result in results:
+        s = summary(result)
+        print(f"sm_{s['arch']}: {s['variants']} variants, max shared {s['max_shared']} / {s['smem_limit']} B, "
+              f"max regs {s['max_regs']}, spill bytes {s['spill_bytes']}, problems {s['problems']}")
+        for problem in failures(result):
+            print("  ", problem)
+            status = 1
+    if json_path:
+        import triton
+
+        payload = dict(triton=triton.__version__, subset=subset, summary=[summary(r) for r in results],
+                       results=results)
+        if "{arch}" in str(json_path):
+            for result in results:
+                _write_json(str(json_path).format(arch=result["arch"]),
+                            dict(payload, summary=[summary(result)], results=[result]))
+        else:
+            _write_json(json_path, payload)
+    return status
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fmn_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(ARCH_SM_COUNT),
@@ -259,12 +336,16 @@ def main(argv=None):
                         "pattern containing {arch})")
     parser.add_argument("--shapes", help="comma-separated shape names to keep (default: the subset's)")
     parser.add_argument("--dtypes", help=f"comma-separated, of {','.join(DTYPES_FULL)} (default: the subset's)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="WORKER_JSON",
+                        help="no compiling: merge and check worker files of an earlier (split or interrupted) run")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     archs = args.arch or [90, 80]
     if args.worker:
         worker(archs[0], args.subset, args.json, args.shapes, args.dtypes)
         return 0
+    if args.merge:
+        return report(merge([json.loads(p.read_text()) for p in args.merge], args.subset), args.json, args.subset)
     if _ptxas_path() is None:
         print("ptxas not found in triton's nvidia backend: cannot compile ahead of time", file=sys.stderr)
         return 2
@@ -283,26 +364,7 @@ def main(argv=None):
                 print(f"sm_{arch}: compile worker failed (exit {proc.returncode})", file=sys.stderr)
                 return 1
             results.append(json.loads(part.read_text()))
-    status = 0
-    for result in results:
-        s = summary(result)
-        print(f"sm_{s['arch']}: {s['variants']} variants, max shared {s['max_shared']} / {s['smem_limit']} B, "
-              f"max regs {s['max_regs']}, spill bytes {s['spill_bytes']}, problems {s['problems']}")
-        for problem in failures(result):
-            print("  ", problem)
-            status = 1
-    if args.json:
-        import triton
-
-        payload = dict(triton=triton.__version__, subset=args.subset, summary=[summary(r) for r in results],
-                       results=results)
-        if "{arch}" in str(args.json):
-            for result in results:
-                _write_json(str(args.json).format(arch=result["arch"]),
-                            dict(payload, summary=[summary(result)], results=[result]))
-        else:
-            _write_json(args.json, payload)
-    return status
+    return report(results, args.json, args.subset)
 
 
 if __name__ == "__main__":

@@ -338,7 +338,8 @@ def test_precision_follows_allow_tf32():
 def test_long_sequence_path(dtype, deterministic):
     """N, L >= long_threshold (lowered from 1024 to 64 here): big query blocks forward; backward with
     dQ added atomically inside the dK/dV pass (FlashAttention-2, 5 matmuls), or its own pass when
-    deterministic. Several key blocks and a ragged last block on both axes."""
+    deterministic. Several key blocks and a ragged last block on both axes. float32 runs with TF32
+    allowed: exact fp32 dots take the separate dQ pass (their 3-dot pass spills on GPUs)."""
     shape = (1, 2, 150, 140, 64)
     q, k, v = make_inputs(*shape, dtype, seed=14)
     weights, zero_mask, key_mask = make_masks(1, 140, seed=14)
@@ -346,7 +347,7 @@ def test_long_sequence_path(dtype, deterministic):
     torch.use_deterministic_algorithms(deterministic)
     try:
         check_against_oracle(q, k, v, dict(concept_weights=weights, zero_mask=zero_mask, key_mask=key_mask),
-                             long_threshold=64)
+                             long_threshold=64, tf32=dtype == torch.float32)
     finally:
         torch.use_deterministic_algorithms(previous)
 
@@ -390,7 +391,7 @@ def test_tile_table_is_complete_and_fallbacks_shrink():
                     for bigger, smaller in zip(candidates, candidates[1:]):
                         assert smaller.block_m * max(smaller.block_n, 1) * smaller.num_stages < \
                             bigger.block_m * max(bigger.block_n, 1) * bigger.num_stages
-                    if kernel not in ("fwd1", "bwd1"):  # the looping kernels must always exist
+                    if kernel not in ("fwd1", "bwd1", "dkdv_long"):  # the general kernels always exist
                         assert candidates and min(t.block_m for t in candidates) == 16
     assert configs.arch_class(90) == "sm90" and configs.arch_class(80) == "sm80"
     assert configs.arch_class(86) == configs.arch_class(89) == configs.arch_class(75) == "sm86"

@@ -1,10 +1,12 @@
 """Tile sizes of the concept-attention kernels per (kernel, precision, padded head dim, GPU class).
 
-Every entry was compiled ahead of time for sm_80, sm_86 and sm_90 with Triton's compiler and ptxas
-(`python -m fmn_kernels.aot`, results in bench/results/aot_sm*.json): it fits the class's shared
-memory and spills no registers. `tiles()` returns the table's choice followed by smaller ones; the
-host launches the first that compiles within the GPU's limits (see `cross_attention._launch`), so
-a GPU or a Triton version that the table did not foresee gets a smaller tile, never OutOfResources.
+Entries are checked by compiling them ahead of time for sm_80, sm_86 and sm_90 with Triton's
+compiler and ptxas (`python -m fmn_kernels.aot`; measured shared memory, registers and spills per
+variant in bench/results/aot_sm*.json, which say which cases were covered): the aim is that every
+variant fits the class's shared memory with 0 spill bytes. Entries changed after a spill or an
+overflow was measured carry a comment. `tiles()` returns the table's choice followed by smaller
+ones; the host launches the first that loads within the GPU's limits (`cross_attention._launch`),
+so a GPU or Triton version the table did not foresee gets a smaller tile, never OutOfResources.
 
 Precision classes: "16bit" (fp16/bf16 tensor-core dots), "tf32" (fp32 inputs, TF32 dots, taken when
 torch.backends.cuda.matmul.allow_tf32 is set), "ieee" (fp32 inputs, exact fp32 FMA dots: no tensor
@@ -44,10 +46,10 @@ _T = Tile
 TABLE = {
     # ---- fp16 / bf16 ----
     ("fwd1", "16bit", 64): {"all": _T(64, 0, 4, 1)},
-    ("fwd1", "16bit", 128): {"all": _T(64, 0, 4, 1), "sm86": _T(32, 0, 4, 1)},
+    ("fwd1", "16bit", 128): {"all": _T(64, 0, 8, 1), "sm86": _T(32, 0, 4, 1)},
     ("fwd1", "16bit", 256): {"all": None},
     ("fwd", "16bit", 64): {"all": _T(64, 64, 4, 2)},
-    ("fwd", "16bit", 128): {"all": _T(64, 64, 4, 2)},
+    ("fwd", "16bit", 128): {"all": _T(64, 64, 8, 2), "sm86": _T(64, 32, 8, 2)},
     ("fwd", "16bit", 256): {"all": _T(64, 32, 8, 2), "sm86": _T(32, 32, 4, 1)},
     ("fwd_long", "16bit", 64): {"all": _T(128, 64, 8, 2)},
     ("fwd_long", "16bit", 128): {"all": _T(128, 64, 8, 2), "sm86": _T(128, 32, 8, 1)},
@@ -62,11 +64,12 @@ TABLE = {
     ("dkdv_long", "16bit", 128): {"all": _T(32, 64, 8, 2), "sm86": _T(32, 32, 8, 1)},
     ("dkdv_long", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm86": _T(16, 32, 8, 1)},
     ("dq", "16bit", 64): {"all": _T(64, 64, 4, 2)},
-    ("dq", "16bit", 128): {"all": _T(64, 64, 8, 2), "sm86": _T(64, 32, 8, 1)},
+    ("dq", "16bit", 128): {"all": _T(64, 64, 8, 2), "sm86": _T(32, 32, 8, 1)},  # sm86 (64, 32, 8, 1): 8 B spill
     ("dq", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm86": _T(32, 16, 8, 1)},
     # ---- fp32, TF32 dots ----
-    ("fwd1", "tf32", 64): {"all": _T(64, 0, 4, 1), "sm86": _T(32, 0, 4, 1)},
-    ("fwd1", "tf32", 128): {"all": _T(32, 0, 8, 1), "sm86": None},
+    # sm80: (64, 0, 4, 1) spilled 476 B at 255 registers; (32, 0, 4, 1): 182 registers, no spill
+    ("fwd1", "tf32", 64): {"all": _T(64, 0, 4, 1), "sm80": _T(32, 0, 4, 1), "sm86": _T(32, 0, 4, 1)},
+    ("fwd1", "tf32", 128): {"all": _T(32, 0, 8, 1), "sm80": None, "sm86": None},
     ("fwd1", "tf32", 256): {"all": None},
     ("fwd", "tf32", 64): {"all": _T(64, 64, 4, 2), "sm86": _T(64, 32, 4, 1)},
     ("fwd", "tf32", 128): {"all": _T(64, 32, 8, 2), "sm86": _T(32, 32, 4, 1)},
@@ -81,7 +84,8 @@ TABLE = {
     ("dkdv", "tf32", 128): {"all": _T(32, 32, 8, 1)},
     ("dkdv", "tf32", 256): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},
     ("dkdv_long", "tf32", 64): {"all": _T(32, 32, 4, 1)},
-    ("dkdv_long", "tf32", 128): {"all": _T(32, 32, 8, 1)},
+    # (32, 32, 8, 1) spilled 16 B on sm80; on sm86 it also needed 112 KB of shared memory
+    ("dkdv_long", "tf32", 128): {"all": _T(32, 32, 8, 1), "sm80": _T(16, 32, 8, 1), "sm86": _T(16, 32, 8, 1)},
     ("dkdv_long", "tf32", 256): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},
     ("dq", "tf32", 64): {"all": _T(32, 64, 4, 1)},
     ("dq", "tf32", 128): {"all": _T(32, 32, 8, 1)},
@@ -91,7 +95,7 @@ TABLE = {
     ("fwd1", "ieee", 128): {"all": None},
     ("fwd1", "ieee", 256): {"all": None},
     ("fwd", "ieee", 64): {"all": _T(32, 32, 4, 1)},
-    ("fwd", "ieee", 128): {"all": _T(16, 32, 8, 1)},
+    ("fwd", "ieee", 128): {"all": _T(16, 32, 8, 1)},  # (32, 32, 8, 1) spilled 40 B on sm90
     ("fwd", "ieee", 256): {"all": _T(16, 32, 8, 1)},
     ("fwd_long", "ieee", 64): {"all": _T(32, 32, 4, 1)},
     ("fwd_long", "ieee", 128): {"all": _T(16, 32, 8, 1)},
@@ -102,9 +106,10 @@ TABLE = {
     ("dkdv", "ieee", 64): {"all": _T(16, 32, 4, 1)},
     ("dkdv", "ieee", 128): {"all": _T(16, 32, 8, 1)},
     ("dkdv", "ieee", 256): {"all": _T(16, 16, 8, 1)},
-    ("dkdv_long", "ieee", 64): {"all": _T(16, 32, 4, 1)},
-    ("dkdv_long", "ieee", 128): {"all": _T(16, 16, 8, 1)},
-    ("dkdv_long", "ieee", 256): {"all": _T(16, 16, 8, 1)},
+    # exact fp32 is FMA-bound anyway: the long path's third dot spills (255 regs), so dQ has its own pass
+    ("dkdv_long", "ieee", 64): {"all": None},
+    ("dkdv_long", "ieee", 128): {"all": None},
+    ("dkdv_long", "ieee", 256): {"all": None},
     ("dq", "ieee", 64): {"all": _T(32, 32, 4, 1)},
     ("dq", "ieee", 128): {"all": _T(16, 32, 8, 1)},
     ("dq", "ieee", 256): {"all": _T(16, 16, 8, 1)},

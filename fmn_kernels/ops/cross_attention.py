@@ -172,6 +172,7 @@ def backward(q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale, spli
     dv = torch.empty_like(v) if has_do else v.new_empty(0)
     deterministic = torch.are_deterministic_algorithms_enabled()
     vec = vector_width((q, k, v, out, do, dq, dk) + ((dv,) if dv.numel() else ()), q.element_size())
+    vec = vec if D % vec == 0 else 1  # the fp32 [split, B, H, L, D] dK/dV buffers share the hint
     row_args = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
 
     def launch_dkdv(one_block, dq_mode, dq_target, delta):
@@ -179,7 +180,11 @@ def backward(q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale, spli
             block_n = plan.block_n(tile)
             split, rows_per_split = dkdv_split(plan, tile.block_m, block_n, split_request)
             atomic = split > 1 and not deterministic
-            if split == 1:
+            direct = split == 1 or (atomic and k.dtype == torch.float32)  # no fp32 buffer needed
+            if direct:
+                if atomic:
+                    dk.zero_()
+                    dv.zero_()
                 dk_buf, dv_buf = dk.unsqueeze(0), (dv if dv.numel() else dk).unsqueeze(0)
             else:
                 shape = (1 if atomic else split, B, H, L, D)
@@ -195,7 +200,7 @@ def backward(q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale, spli
                 FUSED_DQ=dq_mode == "fused", ATOMIC_DQ=dq_mode == "atomic", **flags, **plan.common,
                 BLOCK_M=tile.block_m, BLOCK_N=block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
             )
-            if split > 1:
+            if not direct:
                 dk.copy_(dk_buf.sum(0))
                 if dv.numel():
                     dv.copy_(dv_buf.sum(0))
@@ -204,7 +209,7 @@ def backward(q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale, spli
     if _launch("bwd1", plan, flags, plan.tiles("bwd1"), launch_dkdv(True, "fused", dq, lse)) is not None:
         return dq, dk, dv
     delta = _delta(plan, out, do, score, dscore, has_do, has_g, vec)
-    if plan.long and not deterministic:
+    if plan.long and not deterministic and plan.tiles("dkdv_long"):
         dq_acc = dq if q.dtype == torch.float32 else torch.empty_like(q, dtype=torch.float32)
         dq_acc.zero_()
         if _launch("dkdv_long", plan, flags, plan.tiles("dkdv_long"), launch_dkdv(False, "atomic", dq_acc, delta)):
