@@ -169,7 +169,7 @@ def _inputs(B, H, N, L, D, dtype_name, masks):
     return q, k, v, w, zero, valid
 
 
-def _compile_cases(recorder, shapes, dtypes, mask_sets, grad_modes, checkpoint):
+def _compile_cases(recorder, shapes, dtypes, mask_sets, grad_modes, checkpoint, skip=()):
     """Runs the host code for every case; checkpoint(errors, done) after each (masks, shape, dtype).
     The worst case (all masks) comes first, so an interrupted run has still covered every shape."""
     import torch
@@ -178,6 +178,8 @@ def _compile_cases(recorder, shapes, dtypes, mask_sets, grad_modes, checkpoint):
     for masks in mask_sets:
         for name, B, H, N, L, D in shapes:
             for dtype_name in dtypes:
+                if f"{masks}/{name}/{dtype_name}" in skip:
+                    continue
                 torch.backends.cuda.matmul.allow_tf32 = dtype_name == "fp32-tf32"
                 inputs = _inputs(B, H, N, L, D, dtype_name, masks)
                 for grads in grad_modes:
@@ -213,7 +215,7 @@ def _compile_case(inputs, scale, grads, deterministic):
     return None
 
 
-def worker(arch, subset, out_path, shape_names=None, dtype_names=None):
+def worker(arch, subset, out_path, shape_names=None, dtype_names=None, skip=()):
     """Runs in its own process: compile every variant for one target, write rows as JSON."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"fmn-aot-sm{arch}-")
@@ -236,7 +238,7 @@ def worker(arch, subset, out_path, shape_names=None, dtype_names=None):
                                    cases_done=done, complete=False))
 
     errors = _compile_cases(recorder, shapes, dtypes, MASKS_FULL if full else MASKS_CI,
-                            GRADS_FULL if full else GRADS_CI, checkpoint)
+                            GRADS_FULL if full else GRADS_CI, checkpoint, skip)
     import shutil
 
     shutil.rmtree(os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
@@ -255,6 +257,8 @@ def _write_json(path, payload):
 def failures(result):
     """Problems of one target's result: overflows, spills, fallbacks, errors (strings)."""
     problems = [f"error: {e}" for e in result["errors"]]
+    problems += [f"tile no longer in the table: {r['kernel']} BLOCK_M={r.get('BLOCK_M')} BLOCK_N={r.get('BLOCK_N')} "
+                 f"BLOCK_D={r.get('BLOCK_D')}" for r in result["variants"] if not matches_table(r)]
     if not result.get("complete", True):
         missing = result.get("cases_missing")
         problems.append(f"incomplete run: {len(result.get('cases_done', []))} (masks/shape/dtype) cases compiled"
@@ -281,6 +285,37 @@ def summary(result):
                 problems=len(failures(result)))
 
 
+def table_kernel(row):
+    """(table kernel, precision class) that a compiled row came from; None for the delta kernel."""
+    case = row["cases"][0]
+    precision = {"fp32-ieee": "ieee", "fp32-tf32": "tf32"}.get(case["dtype"], "16bit")
+    shape = next((s for s in SHAPES_FULL if s[0] == case["case"]), None)
+    long = shape is not None and shape[3] >= 1024 and shape[4] >= 1024
+    if row["kernel"] == "_fwd_kernel":
+        return ("fwd1" if row["ONE_KEY_BLOCK"] else "fwd_long" if long else "fwd"), precision
+    if row["kernel"] == "_bwd_dkdv_kernel":
+        return ("bwd1" if row["FUSED_DQ"] else "dkdv_long" if row["ATOMIC_DQ"] else "dkdv"), precision
+    if row["kernel"] == "_bwd_dq_kernel":
+        return "dq", precision
+    return None
+
+
+def matches_table(row):
+    """Whether the tile table as it stands now picks this row's tile (first choice), so that a
+    result file cannot silently describe tiles the code no longer launches."""
+    from .ops import configs
+
+    kind = table_kernel(row)
+    if kind is None:
+        return True
+    tile = configs.table_tile(kind[0], kind[1], row["BLOCK_D"], configs.arch_class(row["arch"]))
+    if tile is None:
+        return False
+    block_n_ok = tile.block_n == 0 or tile.block_n == row["BLOCK_N"]
+    return (tile.block_m, tile.num_warps, tile.num_stages) == (row["BLOCK_M"], row["num_warps"],
+                                                                row["num_stages"]) and block_n_ok
+
+
 def merge(parts, subset):
     """One result per target from several worker files (e.g. a run split by shapes, or interrupted):
     variants deduplicated, complete when every (masks, shape, dtype) case of the subset was done."""
@@ -296,7 +331,13 @@ def merge(parts, subset):
         result["errors"] += part["errors"]
         result["cases_done"] += [c for c in part["cases_done"] if c not in result["cases_done"]]
     for result in merged.values():
-        result["variants"] = list(result["variants"].values())
+        rows = list(result["variants"].values())
+        # rows compiled before a table change: dropped, and their cases count as not done
+        stale = [r for r in rows if not matches_table(r)]
+        stale_cases = {f"{c['masks']}/{c['case']}/{c['dtype']}" for r in stale for c in r["cases"]}
+        result["variants"] = [r for r in rows if matches_table(r)]
+        result["cases_done"] = [c for c in result["cases_done"] if c not in stale_cases]
+        result["superseded_rows"] = len(stale)
         missing = sorted(expected - set(result["cases_done"]))
         result.update(complete=not missing, cases_missing=missing)
     return [merged[arch] for arch in sorted(merged, reverse=True)]
@@ -338,11 +379,19 @@ def main(argv=None):
     parser.add_argument("--dtypes", help=f"comma-separated, of {','.join(DTYPES_FULL)} (default: the subset's)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="WORKER_JSON",
                         help="no compiling: merge and check worker files of an earlier (split or interrupted) run")
+    parser.add_argument("--skip-done", type=Path, metavar="JSON",
+                        help="resume: skip the cases that this earlier (merged) result file lists as done")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     archs = args.arch or [90, 80]
+    skip = set()
+    if args.skip_done:
+        for result in json.loads(args.skip_done.read_text())["results"]:
+            skip |= {f"sm{result['arch']}:{c}" for c in result["cases_done"]}
     if args.worker:
-        worker(archs[0], args.subset, args.json, args.shapes, args.dtypes)
+        prefix = f"sm{archs[0]}:"
+        worker(archs[0], args.subset, args.json, args.shapes, args.dtypes,
+               {c[len(prefix):] for c in skip if c.startswith(prefix)})
         return 0
     if args.merge:
         return report(merge([json.loads(p.read_text()) for p in args.merge], args.subset), args.json, args.subset)
@@ -358,6 +407,7 @@ def main(argv=None):
                    "--subset", args.subset, "--json", str(part)]
             cmd += ["--shapes", args.shapes] if args.shapes else []
             cmd += ["--dtypes", args.dtypes] if args.dtypes else []
+            cmd += ["--skip-done", str(args.skip_done)] if args.skip_done else []
             procs.append((arch, part, subprocess.Popen(cmd)))
         for arch, part, proc in procs:
             if proc.wait() != 0 or not part.exists():

@@ -57,7 +57,8 @@ TABLE = {
     ("bwd1", "16bit", 64): {"all": _T(32, 0, 8, 1)},
     ("bwd1", "16bit", 128): {"all": None},
     ("bwd1", "16bit", 256): {"all": None},
-    ("dkdv", "16bit", 64): {"all": _T(32, 64, 4, 2)},
+    # sm80 (32, 64, 4, 2): 255 registers, 32 B spill; sm86 254 registers
+    ("dkdv", "16bit", 64): {"all": _T(32, 64, 4, 2), "sm80": _T(32, 64, 8, 2), "sm86": _T(32, 64, 8, 2)},
     ("dkdv", "16bit", 128): {"all": _T(32, 64, 8, 2), "sm86": _T(32, 32, 8, 1)},
     ("dkdv", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm86": _T(16, 32, 8, 1)},
     ("dkdv_long", "16bit", 64): {"all": _T(32, 64, 4, 2)},
@@ -81,7 +82,7 @@ TABLE = {
     ("bwd1", "tf32", 128): {"all": None},
     ("bwd1", "tf32", 256): {"all": None},
     ("dkdv", "tf32", 64): {"all": _T(32, 32, 4, 1)},
-    ("dkdv", "tf32", 128): {"all": _T(32, 32, 8, 1)},
+    ("dkdv", "tf32", 128): {"all": _T(16, 32, 8, 1)},  # (32, 32, 8, 1) at D=80: 8 B spill on sm90
     ("dkdv", "tf32", 256): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},
     ("dkdv_long", "tf32", 64): {"all": _T(32, 32, 4, 1)},
     # (32, 32, 8, 1) spilled 16 B on sm80; on sm86 it also needed 112 KB of shared memory
@@ -104,7 +105,7 @@ TABLE = {
     ("bwd1", "ieee", 128): {"all": None},
     ("bwd1", "ieee", 256): {"all": None},
     ("dkdv", "ieee", 64): {"all": _T(16, 32, 4, 1)},
-    ("dkdv", "ieee", 128): {"all": _T(16, 32, 8, 1)},
+    ("dkdv", "ieee", 128): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},  # sm86 D=80: 4 B spill
     ("dkdv", "ieee", 256): {"all": _T(16, 16, 8, 1)},
     # exact fp32 is FMA-bound anyway: the long path's third dot spills (255 regs), so dQ has its own pass
     ("dkdv_long", "ieee", 64): {"all": None},
