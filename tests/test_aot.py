@@ -58,7 +58,11 @@ def test_committed_full_run_is_clean(arch):
 
 
 def test_failures_flag_overflow_and_spills():
-    row = dict(kernel="_fwd_kernel", BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=2,
-               shared=300000, smem_limit=232448, smem_ok=False, regs=255, spill_stores=8, spill_loads=8)
+    row = dict(arch=90, kernel="_fwd_kernel", BLOCK_M=64, BLOCK_N=128, BLOCK_D=64, ONE_KEY_BLOCK=True,
+               num_warps=4, num_stages=1, shared=300000, smem_limit=232448, smem_ok=False, regs=255,
+               spill_stores=8, spill_loads=8, cases=[dict(case="sd15-64px-D40", dtype="bf16", masks="all")])
     problems = aot.failures(dict(arch=90, variants=[row], errors=[]))
     assert len(problems) == 2 and "shared memory" in problems[0] and "spills" in problems[1]
+    stale = dict(row, BLOCK_M=128, smem_ok=True, shared=1000, spill_stores=0, spill_loads=0)
+    assert aot.failures(dict(arch=90, variants=[stale], errors=[])) == [
+        "tile no longer in the table: _fwd_kernel BLOCK_M=128 BLOCK_N=128 BLOCK_D=64"]
