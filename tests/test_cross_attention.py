@@ -212,8 +212,10 @@ def test_plain_attention_matches_sdpa_with_key_mask():
     q, k, v = make_inputs(*shape, torch.float32, seed=9)
     key_mask = torch.rand(2, 154, generator=torch.Generator().manual_seed(0)) < 0.7
     out, _ = on_device(concept_attention_triton)(q, k, v, 0.3, key_mask=key_mask)
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], scale=0.3)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    sdpa = lambda *t: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        *t, attn_mask=key_mask[:, None, None, :], scale=0.3)
+    # The oracle rule, not a fixed atol: over several key blocks the online softmax rounds differently.
+    assert_within_rule("out", out, sdpa(q.double(), k.double(), v.double()), sdpa(q, k, v), torch.float32)
 
 
 def test_fully_masked_rows_are_zero_with_finite_gradients():
