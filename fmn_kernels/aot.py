@@ -395,7 +395,11 @@ def main(argv=None):
                {c[len(prefix):] for c in skip if c.startswith(prefix)})
         return 0
     if args.merge:
-        return report(merge([json.loads(p.read_text()) for p in args.merge], args.subset), args.json, args.subset)
+        parts = []
+        for path in args.merge:  # worker files, or result files written by this command
+            payload = json.loads(path.read_text())
+            parts += payload["results"] if "results" in payload else [payload]
+        return report(merge(parts, args.subset), args.json, args.subset)
     if _ptxas_path() is None:
         print("ptxas not found in triton's nvidia backend: cannot compile ahead of time", file=sys.stderr)
         return 2
