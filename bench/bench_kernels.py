@@ -139,8 +139,11 @@ def main():
                             "memory_method": "torch.cuda peak allocated" if device.type == "cuda"
                             else "resident-set high-water mark above the start (see bench/common.py)",
                             "rows": rows})
-    plot(rows, out.with_suffix(".png"), f"{device_tag(device)}, {dtype}")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    try:
+        plot(rows, out.with_suffix(".png"), f"{device_tag(device)}, {dtype}")
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    except ImportError:  # a bare GPU box (torch + triton only): the JSON holds every figure
+        print(f"wrote {out} (matplotlib not installed: no plot)")
 
 
 def print_table_row(row):

@@ -37,20 +37,24 @@ def _mmap_large_blocks() -> None:
 _mmap_large_blocks()
 
 
-def machine_info() -> dict:
-    import diffusers
-    import transformers
-    import triton
+def _version(module: str) -> str:
+    """A package's version, or "not installed" (a GPU box may have only torch and triton)."""
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
 
+
+def machine_info() -> dict:
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": triton.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
+        "triton": _version("triton"),
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     if torch.cuda.is_available():

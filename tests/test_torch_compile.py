@@ -1,0 +1,62 @@
+"""torch.compile(fullgraph=True) through fmn_kernels.cross_attention: no graph break, same results.
+
+The Triton path is a torch.library custom op (fmn_kernels::concept_attention_fwd / _bwd) with fake
+and autograd implementations, so Dynamo and AOTAutograd trace it as one opaque node; the reference
+backend is plain PyTorch and compiles like any other code. On this CPU machine the Triton op runs
+under the interpreter, and the compiler backend is "aot_eager" (Dynamo with fullgraph=True, fake
+tensors and AOTAutograd's joint graph, without Inductor's slow C++ build); with CUDA it is Inductor.
+"""
+import pytest
+import torch
+
+import fmn_kernels
+from fmn_kernels.utils import triton_interpreting
+
+from test_cross_attention import make_inputs, make_masks
+
+COMPILER = "inductor" if torch.cuda.is_available() else "aot_eager"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def loss_fn(backend):
+    def loss(q, k, v, weights, zero_mask, key_mask):
+        out, score = fmn_kernels.cross_attention(q, k, v, concept_weights=weights, zero_mask=zero_mask,
+                                                 key_mask=key_mask, backend=backend)
+        return (out.float() * 0.5).square().sum() + (score * 3).sum(), out
+    return loss
+
+
+def eager_and_compiled(backend, dtype):
+    q, k, v = (t.to(DEVICE) for t in make_inputs(2, 2, 24, 77, 40, dtype, seed=11))
+    weights, zero_mask, key_mask = (t.to(DEVICE) for t in make_masks(2, 77, seed=11))
+    results = []
+    for fn in (loss_fn(backend), torch.compile(loss_fn(backend), fullgraph=True, backend=COMPILER)):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        loss, out = fn(*leaves, weights, zero_mask, key_mask)
+        grads = torch.autograd.grad(loss, leaves)
+        results.append((loss.detach(), out.detach(), grads))
+    return results
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiled_fullgraph_matches_eager(backend):
+    if backend == "triton" and not (torch.cuda.is_available() or triton_interpreting()):
+        pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1 (set by conftest without CUDA)")
+    torch._dynamo.reset()
+    (eager_loss, eager_out, eager_grads), (loss, out, grads) = eager_and_compiled(backend, torch.float32)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_op_passes_opcheck():
+    """torch.library's own consistency checks: schema, fake tensor shapes/strides, autograd."""
+    from fmn_kernels.ops import cross_attention as ops
+
+    if not (torch.cuda.is_available() or triton_interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in make_inputs(1, 2, 17, 77, 40, torch.float32, seed=12))
+    weights, zero_mask, key_mask = (t.to(DEVICE) for t in make_masks(1, 77, seed=12))
+    torch.library.opcheck(ops.concept_attention_fwd, (q, k, v, weights, zero_mask, key_mask, 0.2, 0, 1024),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
