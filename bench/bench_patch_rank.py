@@ -32,7 +32,7 @@ from fmn.toy import evaluate, load_classifier, load_default_pipeline  # noqa: E4
 from fmn.toy.defaults import forget_defaults  # noqa: E402
 
 RANKS = [1, 2, 4, 8, 16]
-REL_ERRORS = [0.05, 0.2]
+REL_ERRORS = [0.2]
 TOLERANCE = 0.02
 
 
@@ -77,8 +77,11 @@ def plot(rows, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default="circle")
-    parser.add_argument("--tune-seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--report-seeds", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--tune-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--report-seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--ranks", type=int, nargs="+", default=RANKS)
+    parser.add_argument("--rel-errors", type=float, nargs="+", default=REL_ERRORS)
+    parser.add_argument("--no-base", action="store_true", help="skip the base model's row")
     parser.add_argument("--out", type=Path, default=RESULTS / "patch_rank.json")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -91,8 +94,8 @@ def main():
     patch = fmn.forget(base, [args.concept], progress=False, **options)
     train_s = time.perf_counter() - t0
     sizes = sd21_attn2_bytes(RANKS + [32, 48, 64])
-    variants = [("base", None, None), ("uncompressed", None, None)]
-    variants += [(f"rank {r}", r, None) for r in RANKS] + [(f"auto, error <= {e}", None, e) for e in REL_ERRORS]
+    variants = ([] if args.no_base else [("base", None, None)]) + [("uncompressed", None, None)]
+    variants += [(f"rank {r}", r, None) for r in args.ranks] + [(f"auto, error <= {e}", None, e) for e in args.rel_errors]
     rows = []
     for name, rank, err in variants:
         pipe = copy.deepcopy(base)
@@ -109,10 +112,20 @@ def main():
         if rank:
             row["sd21_attn2_bytes"] = sizes[rank]
         rows.append(row)
+        if any(r["variant"] == "uncompressed" for r in rows):
+            write_result(args, options, train_s, sizes, rows)
         print_table([{"variant": name, **{f"{k} tune": v for k, v in row["tune"].items() if k != "eval_s"},
                       **{f"{k} report": v for k, v in row["report"].items() if k != "eval_s"},
                       "toy KiB": row["toy_bytes"] / 1024}],
                     ["variant", "UA tune", "IRA tune", "CRA tune", "UA report", "IRA report", "CRA report", "toy KiB"])
+    chosen = write_result(args, options, train_s, sizes, rows)
+    plot(rows, args.out.with_suffix(".png"))
+    print(f"chosen rank {chosen}; SD 2.1 attn2 patch: full {sizes['full'] / 1e6:.1f} MB, "
+          + ", ".join(f"rank {r} {sizes[r] / 1e6:.2f} MB" for r in RANKS + [32, 48, 64]))
+
+
+def write_result(args, options, train_s, sizes, rows):
+    """Writes the JSON (after every row, so that an interrupted run keeps its rows); returns the chosen rank."""
     full = next(r for r in rows if r["variant"] == "uncompressed")
     within = [r for r in rows if isinstance(r["rank"], int)
               and all(abs(r["tune"][k] - full["tune"][k]) <= TOLERANCE for k in ("UA", "IRA", "CRA"))]
@@ -127,9 +140,7 @@ def main():
         "rows": rows,
     }
     write_json_atomic(args.out, result)
-    plot(rows, args.out.with_suffix(".png"))
-    print(f"chosen rank {chosen}; SD 2.1 attn2 patch: full {sizes['full'] / 1e6:.1f} MB, "
-          + ", ".join(f"rank {r} {sizes[r] / 1e6:.2f} MB" for r in RANKS + [32, 48, 64]))
+    return chosen
 
 
 if __name__ == "__main__":

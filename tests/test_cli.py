@@ -129,9 +129,13 @@ def test_eval_on_the_builtin_model(tmp_path):
 
 
 def test_info(patch_file, capsys):
-    assert main(["info", str(patch_file)]) == 0
+    assert main(["info", str(patch_file), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["concepts"] == ["cat"] and info["kind"] == "delta" and info["options"]["train"] == "attn2"
+    assert len(info["summary"]["losses"]) == 2 and info["fingerprint"]["tensors"]  # the whole record
+    assert main(["info", str(patch_file)]) == 0
+    short = capsys.readouterr().out.splitlines()
+    assert len(short) <= 8 and short[0].split() == ["concepts", "cat"] and "--json" in short[-1]
 
 
 def test_python_dash_m_end_to_end(model, tmp_path):
