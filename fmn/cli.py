@@ -115,15 +115,6 @@ def _write_png(image):
     return lambda tmp: image.save(tmp, format="PNG")
 
 
-def _grid(images, rows, cols):
-    from PIL import Image
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 # ----------------------------------------------------------------------------- commands
 def cmd_forget(a):
     from fmn.trainer import ForgetOptions, format_summary, forget
@@ -232,10 +223,12 @@ def _compare_grid(pipe, patch, prompts, n, steps, guidance_scale, seed, resoluti
     base = _images(pipe, prompts, n, steps, guidance_scale, seed, resolution, quiet, "grid: base")
     patch.apply(pipe)
     patched = _images(pipe, prompts, n, steps, guidance_scale, seed, resolution, quiet, "grid: patched")
+    from fmn.grid import labelled_grid
     rows = []
     for r in range(len(prompts)):
         rows += base[r * n:(r + 1) * n] + patched[r * n:(r + 1) * n]
-    return _grid(rows, len(prompts), 2 * n)
+    cols = [f"base s{seed + i}" for i in range(n)] + [f"patched s{seed + i}" for i in range(n)]
+    return labelled_grid(rows, prompts, cols)
 
 
 def cmd_generate(a):
@@ -256,7 +249,9 @@ def cmd_generate(a):
     else:
         if patch is not None:
             patch.apply(pipe)
-        grid = _grid(_images(pipe, a.prompt, *args), len(a.prompt), a.n)
+        from fmn.grid import labelled_grid
+        label = "patched" if patch is not None else "seed"
+        grid = labelled_grid(_images(pipe, a.prompt, *args), a.prompt, [f"{label} s{a.seed + i}" for i in range(a.n)])
     commit([(a.out, _write_png(grid), False)], force=a.force)
     if not a.quiet:
         print(f"wrote {a.out} ({len(a.prompt)} prompts x {a.n} images"
@@ -270,7 +265,7 @@ def cmd_eval(a):
     import torch
     from fmn.outputs import commit
     from fmn.patch import load_patch
-    from fmn.toy import evaluate, load_classifier, relative_to, save_grid
+    from fmn.toy import evaluate, load_classifier, relative_to
     from fmn.toy.data import COLORS, SHAPES
     for c in a.forget:
         if c not in SHAPES + COLORS:
@@ -299,8 +294,7 @@ def cmd_eval(a):
         results["patched"].update(relative_to(after, base))
     outputs = [(a.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=str)), False)]
     if a.grid:
-        first = slice(0, None, len(seeds))  # one image per prompt: rows = shapes, columns = colours
-        outputs.append((a.grid, lambda tmp: save_grid(tmp, {k: v[first] for k, v in panels.items()}), False))
+        outputs.append((a.grid, _write_png(_eval_grid(panels, len(seeds))), False))
     commit(outputs, force=a.force)
     if not a.quiet:
         for name in ("base", "patched"):
@@ -310,6 +304,22 @@ def cmd_eval(a):
                       f"cross-domain retain {r.get('cross_domain_retain')}  ({r['n_images']} images, {r['seconds']:.1f} s)")
         print(f"wrote {a.out}" + (f" and {a.grid}" if a.grid else ""))
     return 0
+
+
+def _eval_grid(panels, n_seeds):
+    """Seed 0 of every prompt: a row per shape, a column per colour, base then patched."""
+    from PIL import Image
+
+    from fmn.grid import labelled_grid
+    from fmn.toy.data import COLORS, SHAPES
+    cells, cols = [], [f"{name} {c} s0" for name in panels for c in COLORS]
+    for s_i in range(len(SHAPES)):
+        for images in panels.values():
+            for c_i in range(len(COLORS)):
+                t = images[(s_i * len(COLORS) + c_i) * n_seeds]  # prompts are shapes outer, then seeds
+                arr = ((t.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+                cells.append(Image.fromarray(arr))
+    return labelled_grid(cells, list(SHAPES), cols)
 
 
 def cmd_info(a):

@@ -190,3 +190,23 @@ def test_export_command(patch_file, tmp_path, capsys):
     assert "--format" in one_line_error(["export", str(patch_file), "--format", "onnx", "--out",
                                          str(tmp_path / "x.safetensors")], capsys)
     assert sorted(os.listdir(tmp_path)) == ["diffusers.safetensors", "kohya.safetensors"]
+
+
+def test_labelled_grid_places_images_and_labels():
+    from PIL import Image
+
+    from fmn.grid import cell, labelled_grid, layout
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    images = [Image.new("RGB", (16, 16), c) for c in colours]
+    rows, cols = ["a red circle", "a very long prompt " * 5], ["base s0", "patched s0"]
+    grid = labelled_grid(images, rows, cols)
+    lay = layout((16, 16), rows, cols)
+    assert lay[0] > 1 and grid.size == cell(lay, 1, 1)[2:]  # scaled up to fit the column labels
+    for i, colour in enumerate(colours):
+        box = cell(lay, i // 2, i % 2)
+        assert set(grid.crop(box).getdata()) == {colour}
+    header = grid.crop((lay[1], 0, grid.size[0], lay[2]))
+    margin = grid.crop((0, lay[2], lay[1], grid.size[1]))
+    assert min(map(sum, header.getdata())) < 100 and min(map(sum, margin.getdata())) < 100  # dark text drawn
+    with pytest.raises(ValueError):
+        labelled_grid(images[:3], rows, cols)
