@@ -21,8 +21,9 @@ import os
 import sys
 from pathlib import Path
 
+from fmn.options import BACKENDS, LOSSES, PATCH_DTYPES, PRECISIONS, TRAIN_SETS
+
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class CLIError(Exception):
@@ -65,7 +66,6 @@ def _device(name):
 
 def load_pipeline(model, precision="fp32", *, for_training=False, device=None):
     """A diffusers pipeline from a folder or hub id, with clear errors."""
-    import torch
     from diffusers import DiffusionPipeline
     model = model or _default_model()
     path = Path(model).expanduser()
@@ -74,14 +74,15 @@ def load_pipeline(model, precision="fp32", *, for_training=False, device=None):
         if not path.exists():
             raise CLIError(f"model folder {model} does not exist")
         if not path.is_dir():
-            raise CLIError(f"model {model} is not a folder (expected a diffusers pipeline folder with model_index.json)")
+            raise CLIError(f"model {model} is not a folder "
+                           "(expected a diffusers pipeline folder with model_index.json)")
         if not (path / "model_index.json").is_file():
             raise CLIError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
         model = str(path)
     import diffusers.utils.deprecation_utils as dep
     # diffusers renamed torch_dtype to dtype (0.36+); older versions only know torch_dtype
     dtype_kw = "dtype" if hasattr(dep, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
-    kwargs = {dtype_kw: getattr(torch, DTYPES[precision])}
+    kwargs = {dtype_kw: PRECISIONS[precision]}
     if for_training:
         try:
             cfg = DiffusionPipeline.load_config(model)
@@ -115,9 +116,33 @@ def _write_png(image):
     return lambda tmp: image.save(tmp, format="PNG")
 
 
+def format_summary(patch, path=None) -> str:
+    s = patch.summary
+    mem = s.get("peak_memory_bytes")
+    mem = f"{mem / 2**30:.2f} GiB (CUDA)" if mem else f"{s.get('peak_rss_bytes', 0) / 2**30:.2f} GiB (process RSS)"
+    size = Path(path).stat().st_size if path and Path(path).exists() else patch.nbytes
+    lines = [
+        f"concepts      {', '.join(patch.concepts)}",
+        f"time          {s['seconds_total']:.2f} s total, {s['seconds_train']:.2f} s for {s['steps']} steps "
+        f"(batch {s['batch_size']}, {s['device']})",
+        f"peak memory   {mem}",
+        f"loss          {s['loss_before']:.5g} -> {s['loss_after']:.5g}"
+        + "".join(f", {k} {s[k + '_losses'][0]:.3g} -> {s[k + '_loss_after']:.3g}" for k in ("retain", "anchor")
+                  if s.get(k + "_losses")),
+        f"patch         {patch.kind}, {len(patch.tensors)} tensors, {size / 2**20:.2f} MiB"
+        + (f" -> {path}" if path else ""),
+    ]
+    if s.get("inverted_tokens"):
+        lines.insert(1, f"inverted as   {s['inverted_tokens']}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- commands
 def cmd_forget(a):
-    from fmn.trainer import ForgetOptions, format_summary, forget
+    from fmn.families import family_for
+    from fmn.options import ForgetOptions, templates
+    from fmn.runtime import accelerator
+    from fmn.trainer import forget
     _outputs(a, "out", "grid")
     if a.images is not None:
         images = Path(a.images)
@@ -144,24 +169,26 @@ def cmd_forget(a):
         for key, value in forget_defaults(a.concept, anchor=anchored).items():
             if given.get(key) is None and not (key == "lr" and a.train == "lora"):
                 given[key] = value
+    given = {k: v for k, v in given.items() if v is not None}
     try:
-        opts = ForgetOptions(**{k: v for k, v in given.items() if v is not None})
+        opts = ForgetOptions(**given)  # checked before the (slow) pipeline load
     except ValueError as e:
         raise CLIError(str(e)) from None
     pipe = load_pipeline(a.model, a.precision, for_training=True, device=a.device)
+    defaults = family_for(pipe).default_options()
+    if defaults:  # the model family's own defaults, under what was given
+        opts = ForgetOptions(**{**defaults, **given})
     from fmn.concepts import check_concepts
     for msg in check_concepts(pipe, a.concept):
         if a.strict:
             raise CLIError(msg + " (--strict)")
         print(f"fmn: warning: {msg}", file=sys.stderr)
     patch = forget(pipe, a.concept, images, options=opts)
-    from fmn.trainer import _accelerator
-    if not _accelerator().is_main_process:
+    if not accelerator().is_main_process:
         return 0
     patch.validate()
     outputs = [(a.out, lambda tmp: patch.save(tmp, force=True), False)]
     if a.grid:  # drawn before anything is written: an interrupt here leaves no patch behind
-        from fmn.trainer import templates
         prompts = a.grid_prompt or [templates(opts.template)[0].format(c) for c in a.concept] + _retain_prompts(a)
         pipe.set_progress_bar_config(disable=True)
         steps = a.grid_steps or opts.gen_steps
@@ -401,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL); default: the built-in toy model"):
         p.add_argument("--model", default=None, help=model_help)
-        p.add_argument("--precision", choices=list(DTYPES), default="fp32",
+        p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                        help="weights/compute precision (default fp32)")
         p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -424,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--resolution", type=POSITIVE, default=None, help="default: from the model's config")
     f.add_argument("--batch-size", type=POSITIVE, default=1)
-    f.add_argument("--train", choices=["attn2", "attn2-kv", "unet", "lora"], default="attn2")
-    f.add_argument("--loss", choices=["attention", "visual", "both"], default="attention")
+    f.add_argument("--train", choices=TRAIN_SETS, default="attn2")
+    f.add_argument("--loss", choices=LOSSES, default="attention")
     f.add_argument("--visual-weight", type=float, default=1.0)
     f.add_argument("--template", action="append", default=None,
                    help="'object' (default), 'style', or a custom template with {} (repeat for several)")
@@ -449,13 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--inversion", action="store_true", help="concept inversion (textual inversion) first")
     f.add_argument("--inversion-steps", type=POSITIVE, default=500)
     f.add_argument("--inversion-tokens", type=POSITIVE, default=4)
-    f.add_argument("--patch-dtype", choices=["fp16", "bf16", "fp32", "int8", "exact"], default="fp16",
+    f.add_argument("--patch-dtype", choices=list(PATCH_DTYPES), default="fp16",
                    help="deltas in fp16/bf16/fp32, int8 deltas with per-row scales (half of fp16), or 'exact' trained tensors")
     f.add_argument("--gradient-checkpointing", action="store_true")
     f.add_argument("--max-grad-norm", type=float, default=None)
     f.add_argument("--strict", action="store_true",
                    help="refuse concepts whose words the model's tokenizer does not know (default: a warning)")
-    f.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto",
+    f.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="concept attention: fused Triton kernels (auto on CUDA) or the materialising reference")
     f.set_defaults(func=cmd_forget)
 
@@ -541,7 +568,7 @@ def main(argv=None) -> int:
         if debug:
             import traceback
             traceback.print_exc()
-        from fmn.trainer import ForgetError
+        from fmn.options import ForgetError
         print(f"fmn: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED if isinstance(e, ForgetError) else EXIT_BAD_INPUT
 
