@@ -95,7 +95,8 @@ def main():
     train_s = time.perf_counter() - t0
     sizes = sd21_attn2_bytes(RANKS + [32, 48, 64])
     variants = ([] if args.no_base else [("base", None, None)]) + [("uncompressed", None, None)]
-    variants += [(f"rank {r}", r, None) for r in args.ranks] + [(f"auto, error <= {e}", None, e) for e in args.rel_errors]
+    variants += [(f"rank {r}", r, None) for r in args.ranks]
+    variants += [(f"auto, error <= {e}", None, e) for e in args.rel_errors]
     rows = []
     for name, rank, err in variants:
         pipe = copy.deepcopy(base)

@@ -328,7 +328,8 @@ def cmd_eval(a):
             if name in results:
                 r = results[name]
                 print(f"{name:8s} UA {r.get('ua')}  in-domain retain {r.get('in_domain_retain')}  "
-                      f"cross-domain retain {r.get('cross_domain_retain')}  ({r['n_images']} images, {r['seconds']:.1f} s)")
+                      f"cross-domain retain {r.get('cross_domain_retain')}  "
+                      f"({r['n_images']} images, {r['seconds']:.1f} s)")
         print(f"wrote {a.out}" + (f" and {a.grid}" if a.grid else ""))
     return 0
 
@@ -406,7 +407,8 @@ def _at_least(low, kind=int):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if not value >= low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
         return value
@@ -426,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL); default: the built-in toy model"):
+    def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL); "
+                             "default: the built-in toy model"):
         p.add_argument("--model", default=None, help=model_help)
         p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                        help="weights/compute precision (default fp32)")
@@ -444,10 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--grid", default=None, help="also write a PNG of base | patched images (concept prompts, "
                    "plus prompts to keep on the built-in model)")
     f.add_argument("--grid-prompt", action="append", default=None, help="a prompt for --grid (repeat)")
-    f.add_argument("--grid-steps", type=POSITIVE, default=None, help="inference steps for --grid (default: --gen-steps)")
+    f.add_argument("--grid-steps", type=POSITIVE, default=None,
+                   help="inference steps for --grid (default: --gen-steps)")
     f.add_argument("--grid-guidance-scale", type=float, default=None, help="default: the reference images' scale")
     f.add_argument("--steps", type=POSITIVE, default=None, help="optimiser steps (default 35)")
-    f.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="AdamW learning rate (default 2e-6; 1e-4 for --train lora)")
+    f.add_argument("--lr", type=POSITIVE_FLOAT, default=None,
+                   help="AdamW learning rate (default 2e-6; 1e-4 for --train lora)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--resolution", type=POSITIVE, default=None, help="default: from the model's config")
     f.add_argument("--batch-size", type=POSITIVE, default=1)
@@ -456,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--visual-weight", type=float, default=1.0)
     f.add_argument("--template", action="append", default=None,
                    help="'object' (default), 'style', or a custom template with {} (repeat for several)")
-    f.add_argument("--n-images", type=POSITIVE, default=None, help="images generated per concept (default 10; 4 on tiny models)")
+    f.add_argument("--n-images", type=POSITIVE, default=None,
+                   help="images generated per concept (default 10; 4 on tiny models)")
     f.add_argument("--gen-steps", type=POSITIVE, default=None, help="inference steps for generated images (default 30)")
     f.add_argument("--include-eos", action="store_true", help="also mark end-of-text slots (authors' use_pooler)")
     f.add_argument("--retain", action="append", default=None,
@@ -477,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--inversion-steps", type=POSITIVE, default=500)
     f.add_argument("--inversion-tokens", type=POSITIVE, default=4)
     f.add_argument("--patch-dtype", choices=list(PATCH_DTYPES), default="fp16",
-                   help="deltas in fp16/bf16/fp32, int8 deltas with per-row scales (half of fp16), or 'exact' trained tensors")
+                   help="deltas in fp16/bf16/fp32, int8 deltas with per-row scales (half of fp16), "
+                        "or 'exact' trained tensors")
     f.add_argument("--gradient-checkpointing", action="store_true")
     f.add_argument("--max-grad-norm", type=float, default=None)
     f.add_argument("--strict", action="store_true",

@@ -32,7 +32,8 @@ def check_concepts(pipe, concepts) -> list[str]:
         for word in concept.split():
             parts = _pieces(tokenizer, word)
             if len(parts) > 1:
-                kind = "text the tokenizer has no word for" if not word.isascii() else "a word the tokenizer does not know"
+                kind = ("text the tokenizer has no word for" if not word.isascii()
+                        else "a word the tokenizer does not know")
                 messages.append(f"concept {concept!r}: {word!r} is {kind}: the tokenizer splits it into "
                                 f"{len(parts)} pieces ({' '.join(parts)}); the model has most likely never seen it, "
                                 "so there may be nothing to forget")

@@ -74,7 +74,7 @@ def rewrite(path, dst, tensors=None, meta_edit=None, fresh_checksum=True):
 
 
 def test_valid_patches_apply(base, good):
-    for patch, path in good.values():
+    for _, path in good.values():
         assert load_patch(path).kind == "delta"
         apply(copy.deepcopy(base), path)
 
@@ -121,7 +121,8 @@ METADATA_EDITS = {
     "fingerprint no tensors": _edit_fp(lambda fp: _rehash({**fp, "tensors": {}})),
     "fingerprint tensors a list": _edit_fp(lambda fp: {**fp, "tensors": []}),
     "fingerprint value changed, hash kept": _edit_fp(
-        lambda fp: {**fp, "tensors": {k: {**v, "values": [x + 1 for x in v["values"]]} for k, v in fp["tensors"].items()}}),
+        lambda fp: {**fp, "tensors": {k: {**v, "values": [x + 1 for x in v["values"]]}
+                                      for k, v in fp["tensors"].items()}}),
     "fingerprint shape edited": _edit_fp(
         lambda fp: _rehash({**fp, "tensors": {k: {**v, "shape": [7, 3]} for k, v in fp["tensors"].items()}})),
     "fingerprint dtype unknown": _edit_fp(lambda fp: {**fp, "dtype": "float128"}),
