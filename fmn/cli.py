@@ -420,6 +420,19 @@ POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
 POSITIVE_FLOAT = _at_least(1e-300, float)
 
 
+def _toy_defaults_note() -> str:
+    """The defaults that apply without --model: the built-in toy model's tuned values."""
+    try:
+        from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS
+    except ImportError:
+        return ""
+    d = FORGET_DEFAULTS
+    return (f"The defaults shown are the paper's, for --model. Without --model (the built-in toy model) unset "
+            f"options take its tuned values: {ANCHOR_STEPS['shape']} steps per shape ({ANCHOR_STEPS['color']} per "
+            f"colour) with an anchor, lr {d['lr']}, {d['n_images']} reference images of {d['gen_steps']} steps, "
+            f"retain weight {d['retain_weight']}, its caption forms as templates (fmn/toy/defaults.py).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fmn import __version__
     ap = _Parser(prog="fmn", description="Forget-Me-Not concept forgetting for Stable Diffusion: "
@@ -438,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
 
-    f = sub.add_parser("forget", help="train a patch that makes the model forget concepts")
+    f = sub.add_parser("forget", help="train a patch that makes the model forget concepts",
+                       epilog=_toy_defaults_note())
     common(f)
     f.add_argument("--concept", action="append", required=True, help="concept to forget (repeat for several)")
     f.add_argument("--images", default=None,

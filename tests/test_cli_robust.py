@@ -210,3 +210,13 @@ def test_labelled_grid_places_images_and_labels():
     assert min(map(sum, header.getdata())) < 100 and min(map(sum, margin.getdata())) < 100  # dark text drawn
     with pytest.raises(ValueError):
         labelled_grid(images[:3], rows, cols)
+
+
+def test_forget_help_names_the_defaults_that_apply(capsys):
+    from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS
+    with pytest.raises(SystemExit) as info:
+        main(["forget", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default 35" in text  # the paper's, for --model
+    assert f"{ANCHOR_STEPS['shape']} steps per shape" in text and f"lr {FORGET_DEFAULTS['lr']}" in text
