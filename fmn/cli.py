@@ -310,11 +310,14 @@ def cmd_eval(a):
     kw = dict(forgotten=a.forget, seeds=seeds, classifier=classifier, return_images=bool(a.grid),
               num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
     results = {"model": a.model or "fmn-toy", "patch": a.patch, "seeds": seeds}
+    # diffusers' own bar shows each batch's denoising steps (a minute or more on a CPU)
+    pipe.set_progress_bar_config(disable=a.quiet, desc="eval: base", leave=False)
     base = evaluate(pipe, **kw)
     panels = {"base": base.pop("images", None)}
     results["base"] = {k: v for k, v in base.items() if k not in ("specs", "predictions")}
     if patch is not None:
         patch.apply(pipe, check=False)
+        pipe.set_progress_bar_config(disable=a.quiet, desc="eval: patched", leave=False)
         after = evaluate(pipe, **kw)
         panels["patched"] = after.pop("images", None)
         results["patched"] = {k: v for k, v in after.items() if k not in ("specs", "predictions")}
