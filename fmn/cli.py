@@ -4,11 +4,13 @@
     fmn apply    --model PATH_OR_HUB_ID --patch PATCH.safetensors --out DIR
     fmn generate --model PATH_OR_HUB_ID [--patch PATCH.safetensors] --prompt TEXT [...] --out grid.png [--compare]
     fmn eval     [--model TOY] [--patch PATCH.safetensors] --forget SHAPE_OR_COLOUR --out metrics.json [--grid g.png]
-    fmn info     PATCH.safetensors
+    fmn info     PATCH.safetensors [--json]
+    fmn export   PATCH.safetensors --format diffusers|kohya --out LORA.safetensors [--rank R]
 
 Without --model the built-in toy model (fmn.toy) is used. Exit status: 0 done, 1 the run failed
-(e.g. a non-finite loss), 2 bad input, 130 interrupted. Nothing is written unless the command
-completes: outputs appear atomically, and an existing output is refused without --force.
+(e.g. a non-finite loss), 2 bad input (one line "fmn: error: ..."; --debug shows the traceback),
+130 interrupted. Outputs are checked before any work starts and written together at the end:
+nothing is written unless the command completes, and an existing output is refused without --force.
 Also runs as `python -m fmn` and under `accelerate launch -m fmn forget ...` (data parallel).
 """
 from __future__ import annotations
@@ -16,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from fmn.options import BACKENDS, LOSSES, PATCH_DTYPES, PRECISIONS, TRAIN_SETS
@@ -46,9 +46,22 @@ def _default_model() -> str:
 
 def _device(name):
     import torch
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name!r}: not a torch device (expected cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise CLIError(f"--device {name}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"--device {name}: fmn runs on cpu, cuda or mps")
+    return dev
 
 
 def load_pipeline(model, precision="fp32", *, for_training=False, device=None):
@@ -90,40 +103,19 @@ def load_pipeline(model, precision="fp32", *, for_training=False, device=None):
     return pipe
 
 
-def _refuse_existing(path, force):
-    p = Path(path)
-    if p.exists() and not force:
-        raise CLIError(f"{p} exists; pass --force to overwrite it")
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
+def _outputs(a, *names, folder=()):
+    """Checks every output option in `names` up front (see fmn.outputs.check_output)."""
+    from fmn.outputs import check_output
+    paths = [getattr(a, n) for n in names if getattr(a, n, None)]
+    if len({str(Path(p).resolve()) for p in paths}) < len(paths):
+        raise CLIError(f"the outputs {paths} must be different paths")
+    for n in names:
+        if getattr(a, n, None):
+            check_output(getattr(a, n), a.force, folder=n in folder, what="--" + n.replace("_", "-"))
 
 
-def _save_dir_atomically(save, out: Path, force: bool):
-    """save(tmp_dir) then move it to `out` (replacing it only with force)."""
-    out = Path(out)
-    _refuse_existing(out, force)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        save(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _grid(images, rows, cols):
-    from PIL import Image
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
+def _write_png(image):
+    return lambda tmp: image.save(tmp, format="PNG")
 
 
 def format_summary(patch, path=None) -> str:
@@ -147,16 +139,13 @@ def format_summary(patch, path=None) -> str:
     return "\n".join(lines)
 
 
-
 # ----------------------------------------------------------------------------- commands
 def cmd_forget(a):
     from fmn.families import family_for
     from fmn.options import ForgetOptions, templates
     from fmn.runtime import accelerator
     from fmn.trainer import forget
-    _refuse_existing(a.out, a.force)
-    if a.grid:
-        _refuse_existing(a.grid, a.force)
+    _outputs(a, "out", "grid")
     if a.images is not None:
         images = Path(a.images)
         if not images.is_dir():
@@ -191,19 +180,28 @@ def cmd_forget(a):
     defaults = family_for(pipe).default_options()
     if defaults:  # the model family's own defaults, under what was given
         opts = ForgetOptions(**{**defaults, **given})
+    from fmn.concepts import check_concepts
+    for msg in check_concepts(pipe, a.concept):
+        if a.strict:
+            raise CLIError(msg + " (--strict)")
+        print(f"fmn: warning: {msg}", file=sys.stderr)
     patch = forget(pipe, a.concept, images, options=opts)
     if not accelerator().is_main_process:
         return 0
-    path = patch.save(a.out, force=a.force)
-    if not a.quiet:
-        print(format_summary(patch, path))
-    if a.grid:
+    patch.validate()
+    outputs = [(a.out, lambda tmp: patch.save(tmp, force=True), False)]
+    if a.grid:  # drawn before anything is written: an interrupt here leaves no patch behind
         prompts = a.grid_prompt or [templates(opts.template)[0].format(c) for c in a.concept] + _retain_prompts(a)
         pipe.set_progress_bar_config(disable=True)
         steps = a.grid_steps or opts.gen_steps
         guidance = a.grid_guidance_scale or opts.guidance_scale
-        _write_grid(a.grid, _compare_grid(pipe, patch, prompts, 4, steps, guidance, a.seed, a.resolution), a.force)
-        if not a.quiet:
+        grid = _compare_grid(pipe, patch, prompts, 4, steps, guidance, a.seed, a.resolution, quiet=a.quiet)
+        outputs.append((a.grid, _write_png(grid), False))
+    from fmn.outputs import commit
+    commit(outputs, force=a.force)
+    if not a.quiet:
+        print(format_summary(patch, a.out))
+        if a.grid:
             print(f"grid          {a.grid}: rows {prompts}, 4 seeds base | 4 seeds patched")
     return 0
 
@@ -224,48 +222,48 @@ def _retain_prompts(a) -> list:
 
 
 def cmd_apply(a):
+    from fmn.outputs import commit
     from fmn.patch import load_patch
-    _refuse_existing(a.out, a.force)
+    _outputs(a, "out", folder=("out",))
     patch = load_patch(a.patch)
     pipe = load_pipeline(a.model, a.precision, device=a.device)
     patch.apply(pipe)
-    _save_dir_atomically(lambda d: pipe.save_pretrained(str(d)), Path(a.out), a.force)
+    commit([(a.out, lambda d: pipe.save_pretrained(str(d)), True)], force=a.force)
     if not a.quiet:
         print(f"applied {patch.kind} patch for {', '.join(patch.concepts)} -> {a.out}")
     return 0
 
 
-def _images(pipe, prompts, n, steps, guidance_scale, seed, resolution):
+def _images(pipe, prompts, n, steps, guidance_scale, seed, resolution, quiet=True, desc="images"):
     """n images per prompt, image i of every prompt from seed + i."""
     import torch
+    from tqdm.auto import tqdm
     kw = {"height": resolution, "width": resolution} if resolution else {}
     images = []
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc=desc, unit="prompt", disable=quiet or len(prompts) < 2, leave=False):
         gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
         images += pipe(prompt=[prompt] * n, num_inference_steps=steps, guidance_scale=guidance_scale,
                        generator=gens, **kw).images
     return images
 
 
-def _compare_grid(pipe, patch, prompts, n, steps, guidance_scale, seed, resolution):
+def _compare_grid(pipe, patch, prompts, n, steps, guidance_scale, seed, resolution, quiet=True):
     """One row per prompt: n base images, then the same seeds with the patch applied (pipe is patched)."""
-    base = _images(pipe, prompts, n, steps, guidance_scale, seed, resolution)
+    base = _images(pipe, prompts, n, steps, guidance_scale, seed, resolution, quiet, "grid: base")
     patch.apply(pipe)
-    patched = _images(pipe, prompts, n, steps, guidance_scale, seed, resolution)
+    patched = _images(pipe, prompts, n, steps, guidance_scale, seed, resolution, quiet, "grid: patched")
+    from fmn.grid import labelled_grid
     rows = []
     for r in range(len(prompts)):
         rows += base[r * n:(r + 1) * n] + patched[r * n:(r + 1) * n]
-    return _grid(rows, len(prompts), 2 * n)
-
-
-def _write_grid(path, grid, force):
-    from fmn.patch import atomic_write
-    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"), force=force)
+    cols = [f"base s{seed + i}" for i in range(n)] + [f"patched s{seed + i}" for i in range(n)]
+    return labelled_grid(rows, prompts, cols)
 
 
 def cmd_generate(a):
+    from fmn.outputs import commit
     from fmn.patch import load_patch
-    _refuse_existing(a.out, a.force)
+    _outputs(a, "out")
     if a.compare and not a.patch:
         raise CLIError("--compare needs --patch")
     patch = load_patch(a.patch) if a.patch else None
@@ -280,8 +278,10 @@ def cmd_generate(a):
     else:
         if patch is not None:
             patch.apply(pipe)
-        grid = _grid(_images(pipe, a.prompt, *args), len(a.prompt), a.n)
-    _write_grid(a.out, grid, a.force)
+        from fmn.grid import labelled_grid
+        label = "patched" if patch is not None else "seed"
+        grid = labelled_grid(_images(pipe, a.prompt, *args), a.prompt, [f"{label} s{a.seed + i}" for i in range(a.n)])
+    commit([(a.out, _write_png(grid), False)], force=a.force)
     if not a.quiet:
         print(f"wrote {a.out} ({len(a.prompt)} prompts x {a.n} images"
               + (", base | patched" if a.compare else "") + ")")
@@ -292,15 +292,14 @@ def cmd_eval(a):
     """Forgetting metrics on a toy-model-family pipeline (the built-in one by default), with or
     without a patch: UA, in-domain and cross-domain retain accuracy, and the base's for reference."""
     import torch
-    from fmn.patch import atomic_write, load_patch
-    from fmn.toy import evaluate, load_classifier, relative_to, save_grid
+    from fmn.outputs import commit
+    from fmn.patch import load_patch
+    from fmn.toy import evaluate, load_classifier, relative_to
     from fmn.toy.data import COLORS, SHAPES
     for c in a.forget:
         if c not in SHAPES + COLORS:
             raise CLIError(f"--forget {c!r}: fmn eval scores the toy model's shapes {SHAPES} and colours {COLORS}")
-    _refuse_existing(a.out, a.force)
-    if a.grid:
-        _refuse_existing(a.grid, a.force)
+    _outputs(a, "out", "grid")
     patch = load_patch(a.patch) if a.patch else None
     pipe = load_pipeline(a.model, a.precision, device=a.device)
     pipe.set_progress_bar_config(disable=True)
@@ -313,20 +312,22 @@ def cmd_eval(a):
     kw = dict(forgotten=a.forget, seeds=seeds, classifier=classifier, return_images=bool(a.grid),
               num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
     results = {"model": a.model or "fmn-toy", "patch": a.patch, "seeds": seeds}
+    # diffusers' own bar shows each batch's denoising steps (a minute or more on a CPU)
+    pipe.set_progress_bar_config(disable=a.quiet, desc="eval: base", leave=False)
     base = evaluate(pipe, **kw)
     panels = {"base": base.pop("images", None)}
     results["base"] = {k: v for k, v in base.items() if k not in ("specs", "predictions")}
     if patch is not None:
         patch.apply(pipe, check=False)
+        pipe.set_progress_bar_config(disable=a.quiet, desc="eval: patched", leave=False)
         after = evaluate(pipe, **kw)
         panels["patched"] = after.pop("images", None)
         results["patched"] = {k: v for k, v in after.items() if k not in ("specs", "predictions")}
         results["patched"].update(relative_to(after, base))
-    atomic_write(a.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=str)), force=a.force)
+    outputs = [(a.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=str)), False)]
     if a.grid:
-        first = slice(0, None, len(seeds))  # one image per prompt: rows = shapes, columns = colours
-        atomic_write(a.grid, lambda tmp: save_grid(tmp, {k: v[first] for k, v in panels.items()}), force=a.force,
-                     suffix=".png")
+        outputs.append((a.grid, _write_png(_eval_grid(panels, len(seeds))), False))
+    commit(outputs, force=a.force)
     if not a.quiet:
         for name in ("base", "patched"):
             if name in results:
@@ -338,23 +339,112 @@ def cmd_eval(a):
     return 0
 
 
+def _eval_grid(panels, n_seeds):
+    """Seed 0 of every prompt: a row per shape, a column per colour, base then patched."""
+    from PIL import Image
+
+    from fmn.grid import labelled_grid
+    from fmn.toy.data import COLORS, SHAPES
+    cells, cols = [], [f"{name} {c} s0" for name in panels for c in COLORS]
+    for s_i in range(len(SHAPES)):
+        for images in panels.values():
+            for c_i in range(len(COLORS)):
+                t = images[(s_i * len(COLORS) + c_i) * n_seeds]  # prompts are shapes outer, then seeds
+                arr = ((t.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+                cells.append(Image.fromarray(arr))
+    return labelled_grid(cells, list(SHAPES), cols)
+
+
 def cmd_info(a):
     from fmn.patch import load_patch
     p = load_patch(a.patch)
-    info = {"kind": p.kind, "concepts": p.concepts, "base_model": p.base_model, "fmn_version": p.version,
-            "fingerprint": p.fingerprint.get("hash"), "tensors": len(p.tensors), "bytes": p.nbytes,
-            "options": p.options, "summary": {k: v for k, v in p.summary.items() if k != "losses"}}
-    print(json.dumps(info, indent=2, default=str))
+    if a.json:
+        record = {"kind": p.kind, "concepts": p.concepts, "base_model": p.base_model, "fmn_version": p.version,
+                  "fingerprint": p.fingerprint, "tensors": {k: [str(v.dtype).replace("torch.", ""), list(v.shape)]
+                                                            for k, v in p.tensors.items()},
+                  "bytes": p.nbytes, "options": p.options, "summary": p.summary}
+        print(json.dumps(record, indent=2, default=str))
+        return 0
+    s, o = p.summary, p.options
+    comp = s.get("compression")
+    lines = [f"concepts      {', '.join(p.concepts)}",
+             f"kind          {p.kind}, {len(p.tensors)} tensors, {p.nbytes / 2**20:.2f} MiB"
+             + (f", low-rank (rank {comp['rank'] or 'auto'}, max error {comp['max_rel_error']:.3g})" if comp else ""),
+             f"base model    {p.base_model or '?'} (fingerprint {p.fingerprint.get('hash')})",
+             f"trained       {o.get('train', '?')}, {s.get('steps', '?')} steps, lr {o.get('lr', '?')}, "
+             f"loss {o.get('loss', '?')}" + (f", {s['seconds_total']:.1f} s" if "seconds_total" in s else ""),
+             f"fmn version   {p.version}",
+             "(--json: the whole record)"]
+    if "loss_before" in s and "loss_after" in s:
+        lines.insert(4, f"loss          {s['loss_before']:.5g} -> {s['loss_after']:.5g}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_export(a):
+    from fmn.lora_export import export
+    from fmn.outputs import commit
+    from fmn.patch import load_patch
+    _outputs(a, "out")
+    patch = load_patch(a.patch)
+    info = {}
+    commit([(a.out, lambda tmp: info.update(export(patch, tmp, a.format, rank=a.rank, rel_error=a.rel_error,
+                                                   force=True)), False)], force=a.force)
+    if info["dropped"]:
+        print(f"fmn: warning: the {a.format} format cannot hold {len(info['dropped'])} changed tensors; left out: "
+              + ", ".join(info["dropped"][:3]) + (" ..." if len(info["dropped"]) > 3 else ""), file=sys.stderr)
+    if not a.quiet:
+        print(f"wrote {a.out}: {a.format} LoRA, {info['modules']} modules, rank {info['rank_min']}-{info['rank_max']}"
+              + (f", max relative error {info['max_rel_error']:.3g}" if patch.kind != "lora" or a.rank else ""))
     return 0
 
 
 # ----------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse, with bad usage reported as one line like every other error."""
+
+    def error(self, message):
+        raise CLIError(f"{self.prog}: {message}")
+
+
+def _at_least(low, kind=int):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
+POSITIVE_FLOAT = _at_least(1e-300, float)
+
+
+def _toy_defaults_note() -> str:
+    """The defaults that apply without --model: the built-in toy model's tuned values."""
+    try:
+        from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS
+    except ImportError:
+        return ""
+    d = FORGET_DEFAULTS
+    return (f"The defaults shown are the paper's, for --model. Without --model (the built-in toy model) unset "
+            f"options take its tuned values: {ANCHOR_STEPS['shape']} steps per shape ({ANCHOR_STEPS['color']} per "
+            f"colour) with an anchor, lr {d['lr']}, {d['n_images']} reference images of {d['gen_steps']} steps, "
+            f"retain weight {d['retain_weight']}, its caption forms as templates (fmn/toy/defaults.py).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fmn import __version__
-    ap = argparse.ArgumentParser(prog="fmn", description="Forget-Me-Not concept forgetting for Stable Diffusion: "
+    ap = _Parser(prog="fmn", description="Forget-Me-Not concept forgetting for Stable Diffusion: "
                                  "fast, with small patch files.")
     ap.add_argument("--version", action="version", version=f"fmn {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL, SD3, FLUX.1); "
                              "default: the built-in toy model"):
@@ -364,8 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--force", action="store_true", help="overwrite an existing output")
         p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
 
-    f = sub.add_parser("forget", help="train a patch that makes the model forget concepts")
+    f = sub.add_parser("forget", help="train a patch that makes the model forget concepts",
+                       epilog=_toy_defaults_note())
     common(f)
     f.add_argument("--concept", action="append", required=True, help="concept to forget (repeat for several)")
     f.add_argument("--images", default=None,
@@ -374,44 +466,48 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--grid", default=None, help="also write a PNG of base | patched images (concept prompts, "
                    "plus prompts to keep on the built-in model)")
     f.add_argument("--grid-prompt", action="append", default=None, help="a prompt for --grid (repeat)")
-    f.add_argument("--grid-steps", type=int, default=None, help="inference steps for --grid (default: --gen-steps)")
+    f.add_argument("--grid-steps", type=POSITIVE, default=None,
+                   help="inference steps for --grid (default: --gen-steps)")
     f.add_argument("--grid-guidance-scale", type=float, default=None, help="default: the reference images' scale")
-    f.add_argument("--steps", type=int, default=None, help="optimiser steps (default 35)")
-    f.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-6; 1e-4 for --train lora)")
+    f.add_argument("--steps", type=POSITIVE, default=None, help="optimiser steps (default 35)")
+    f.add_argument("--lr", type=POSITIVE_FLOAT, default=None,
+                   help="AdamW learning rate (default 2e-6; 1e-4 for --train lora)")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--resolution", type=int, default=None, help="default: from the model's config")
-    f.add_argument("--batch-size", type=int, default=1)
+    f.add_argument("--resolution", type=POSITIVE, default=None, help="default: from the model's config")
+    f.add_argument("--batch-size", type=POSITIVE, default=1)
     f.add_argument("--train", choices=TRAIN_SETS, default="attn2")
     f.add_argument("--loss", choices=LOSSES, default="attention")
     f.add_argument("--visual-weight", type=float, default=1.0)
     f.add_argument("--template", action="append", default=None,
                    help="'object' (default), 'style', or a custom template with {} (repeat for several)")
-    f.add_argument("--n-images", type=int, default=None,
+    f.add_argument("--n-images", type=POSITIVE, default=None,
                    help="images generated per concept (default 10; 4 on tiny models)")
-    f.add_argument("--gen-steps", type=int, default=None, help="inference steps for generated images (default 30)")
+    f.add_argument("--gen-steps", type=POSITIVE, default=None, help="inference steps for generated images (default 30)")
     f.add_argument("--include-eos", action="store_true", help="also mark end-of-text slots (authors' use_pooler)")
     f.add_argument("--retain", action="append", default=None,
                    help="a concept to keep (repeat): the UNet's outputs on its prompts are held to the base's")
     f.add_argument("--retain-weight", type=float, default=None, help="weight of the retain loss (default 1)")
-    f.add_argument("--retain-samples", type=int, default=None,
+    f.add_argument("--retain-samples", type=POSITIVE, default=None,
                    help="cached noisy latents per run for the retain loss (default 32)")
-    f.add_argument("--retain-images", type=int, default=None,
+    f.add_argument("--retain-images", type=NON_NEGATIVE, default=None,
                    help="images generated per retained phrase for the retain loss (default: --n-images; "
                         "0: use the forgotten concept's images)")
     f.add_argument("--anchor", action="append", default=None,
                    help="what the concept should become (repeat: one per concept): its prompts' outputs are pulled "
                         "to the base model's with the anchor in its place (Concept Ablation); \"\" for none")
     f.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor loss (default 1)")
-    f.add_argument("--lora-rank", type=int, default=4)
+    f.add_argument("--lora-rank", type=POSITIVE, default=4)
     f.add_argument("--lora-alpha", type=float, default=None)
     f.add_argument("--inversion", action="store_true", help="concept inversion (textual inversion) first")
-    f.add_argument("--inversion-steps", type=int, default=500)
-    f.add_argument("--inversion-tokens", type=int, default=4)
+    f.add_argument("--inversion-steps", type=POSITIVE, default=500)
+    f.add_argument("--inversion-tokens", type=POSITIVE, default=4)
     f.add_argument("--patch-dtype", choices=list(PATCH_DTYPES), default="fp16",
                    help="deltas in fp16/bf16/fp32, int8 deltas with per-row scales (half of fp16), "
                         "or 'exact' trained tensors")
     f.add_argument("--gradient-checkpointing", action="store_true")
     f.add_argument("--max-grad-norm", type=float, default=None)
+    f.add_argument("--strict", action="store_true",
+                   help="refuse concepts whose words the model's tokenizer does not know (default: a warning)")
     f.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="concept attention: fused Triton kernels (auto on CUDA) or the materialising reference")
     f.set_defaults(func=cmd_forget)
@@ -428,48 +524,79 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several rows)")
     g.add_argument("--out", required=True, help="PNG grid to write")
     g.add_argument("--compare", action="store_true", help="base and patched side by side")
-    g.add_argument("--n", type=int, default=4, help="images per prompt")
-    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--n", type=POSITIVE, default=4, help="images per prompt")
+    g.add_argument("--steps", type=POSITIVE, default=30)
     g.add_argument("--guidance-scale", type=float, default=7.5)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--resolution", type=int, default=None)
+    g.add_argument("--resolution", type=POSITIVE, default=None)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="forgetting metrics on the built-in toy model (UA, retain accuracies)")
     common(e)
     e.add_argument("--patch", default=None, help="patch to evaluate against the base")
     e.add_argument("--forget", action="append", required=True, help="the forgotten shape or colour (repeat)")
-    e.add_argument("--seeds", type=int, default=4, help="seeds per prompt (25 prompts)")
-    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--seeds", type=POSITIVE, default=4, help="seeds per prompt (25 prompts)")
+    e.add_argument("--steps", type=POSITIVE, default=20)
     e.add_argument("--guidance-scale", type=float, default=5.0)
     e.add_argument("--out", required=True, help="JSON file to write")
     e.add_argument("--grid", default=None, help="PNG of base | patched, one image per prompt")
     e.set_defaults(func=cmd_eval)
 
-    i = sub.add_parser("info", help="print a patch's metadata")
+    i = sub.add_parser("info", help="a patch's summary (--json: its whole record)")
     i.add_argument("patch")
+    i.add_argument("--json", action="store_true", help="the whole record as JSON (options, summary, per-step losses)")
+    i.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     i.set_defaults(func=cmd_info)
+
+    x = sub.add_parser("export", help="write a patch as a LoRA file for diffusers, A1111 or ComfyUI")
+    x.add_argument("patch")
+    x.add_argument("--format", choices=["diffusers", "kohya"], required=True,
+                   help="diffusers: pipe.load_lora_weights(FILE); kohya: lora_unet_* keys (A1111, ComfyUI)")
+    x.add_argument("--out", required=True, help="LoRA .safetensors file to write")
+    x.add_argument("--rank", type=POSITIVE, default=None,
+                   help="rank of every pair (default: a LoRA patch's own; deltas: smallest within --rel-error)")
+    x.add_argument("--rel-error", type=_at_least(0.0, float), default=None,
+                   help="relative Frobenius error bound per weight when no --rank is given (default 0.01)")
+    x.add_argument("--force", action="store_true", help="overwrite an existing output")
+    x.add_argument("--quiet", "-q", action="store_true", help="no summary")
+    x.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    x.set_defaults(func=cmd_export)
     return ap
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, (CLIError, ValueError, OSError)) else f"{type(e).__name__}: {text}"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from fmn.options import ForgetError
-    from fmn.patch import PatchError
-    if getattr(args, "quiet", False):
-        from diffusers.utils import logging as dlog
-        dlog.disable_progress_bar()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "quiet", False):
+            from diffusers.utils import logging as dlog
+            dlog.disable_progress_bar()
+        if getattr(args, "device", None):
+            _device(args.device)  # a bad --device is refused before any work
         return args.func(args)
     except KeyboardInterrupt:
         print("fmn: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CLIError, PatchError, ValueError, OSError) as e:
-        print(f"fmn: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ForgetError as e:
-        print(f"fmn: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    except BrokenPipeError:
+        # the reader went away (fmn info x | head): stop quietly, as other command-line tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        from fmn.options import ForgetError
+        print(f"fmn: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED if isinstance(e, ForgetError) else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -33,18 +33,11 @@ from pathlib import Path
 
 import torch
 
+from fmn.patch_check import (DOWN_SUFFIX, KINDS, N_SAMPLES, SCALE_SUFFIX, UP_SUFFIX, PatchError,  # noqa: F401
+                             PatchMismatchError, check_metadata, check_shapes, check_tensors, checksum,
+                             fingerprint_hash, target_names)
+
 FORMAT = "fmn.patch/1"
-SCALE_SUFFIX = ".delta_scale"
-KINDS = ("delta", "replace", "lora")
-N_SAMPLES = 16
-
-
-class PatchError(ValueError):
-    """A patch file that cannot be read or used."""
-
-
-class PatchMismatchError(PatchError):
-    """The patch was made for other base weights than the pipeline's."""
 
 
 # ----------------------------------------------------------------------------- tensor lookup
@@ -97,13 +90,7 @@ def restrict_fingerprint(fp: dict, names) -> dict:
 
 
 def _with_hash(fp: dict) -> dict:
-    h = hashlib.sha256()
-    for name in sorted(fp["tensors"]):
-        rec = fp["tensors"][name]
-        h.update(name.encode())
-        h.update(repr(rec["shape"]).encode())
-        h.update(torch.tensor(rec["values"], dtype=torch.float32).numpy().tobytes())
-    return {"hash": h.hexdigest()[:16], **fp}
+    return {"hash": fingerprint_hash(fp["tensors"]), **fp}
 
 
 def _eps(dtype_name: str) -> float:
@@ -213,7 +200,7 @@ class Patch:
                 f"{self.nbytes / 2**20:.2f} MiB, base={self.base_model!r}, fingerprint={self.fingerprint.get('hash')})")
 
     def metadata(self) -> dict:
-        return {
+        meta = {
             "format": "pt",
             "fmn.format": FORMAT,
             "fmn.version": self.version,
@@ -224,81 +211,122 @@ class Patch:
             "fmn.fingerprint": json.dumps(self.fingerprint),
             "fmn.summary": json.dumps(self.summary, sort_keys=True, default=str),
         }
+        meta["fmn.checksum"] = checksum(self._cpu_tensors(), meta)
+        return meta
+
+    def _cpu_tensors(self) -> dict:
+        return {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+
+    # -- checks
+    def validate(self, pipe=None) -> None:
+        """Raises PatchError unless the metadata has its schema and every tensor is an allowed, finite,
+        complete change of the fingerprinted shape; with `pipe`, also unless every target tensor exists
+        there with that shape. Touches no weight."""
+        check_metadata(self.kind, self.concepts, self.fingerprint, self.options, self.summary, self.base_model)
+        check_tensors(self.kind, self.tensors, self.fingerprint, self.options)
+        if pipe is not None:
+            check_shapes(lambda name: get_tensor(pipe, name), self.kind, self.tensors)
 
     # -- files
     def save(self, path, *, force: bool = False) -> Path:
         """Writes the patch atomically; refuses an existing file unless force. Returns the path."""
         from safetensors.torch import save_file
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+        tensors = self._cpu_tensors()
         for k, v in tensors.items():
-            if not torch.isfinite(v).all():
+            if v.dtype.is_floating_point and not torch.isfinite(v).all():
                 raise PatchError(f"patch tensor {k} is not finite (overflow in {v.dtype}?); "
                                  "nothing was written. Try patch_dtype='fp32' or 'exact'.")
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()), force=force)
+        self.validate()
+        meta = self.metadata()
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), force=force)
 
     @classmethod
     def load(cls, path) -> "Patch":
-        from safetensors import safe_open
+        """Reads and validates a patch file (safetensors only); PatchError if it is not a usable patch."""
         path = Path(path)
         if not path.is_file():
-            raise PatchError(f"patch file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types
-            raise PatchError(f"cannot read patch {path}: not a safetensors file ({e})") from None
+            raise PatchError(f"patch file {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+        meta, tensors = _read_safetensors(path)
         if meta.get("fmn.format") != FORMAT:
             raise PatchError(f"{path} is not an fmn patch (metadata fmn.format = {meta.get('fmn.format')!r}, "
                              f"expected {FORMAT!r})")
+        if "fmn.checksum" in meta and meta["fmn.checksum"] != checksum(tensors, meta):
+            raise PatchError(f"{path}: checksum mismatch: the file was changed or damaged after it was written")
         try:
-            return cls(tensors=tensors, kind=meta["fmn.kind"], concepts=json.loads(meta["fmn.concepts"]),
-                       base_model=meta.get("fmn.base_model", ""), fingerprint=json.loads(meta["fmn.fingerprint"]),
-                       options=json.loads(meta.get("fmn.options", "{}")),
-                       summary=json.loads(meta.get("fmn.summary", "{}")), version=meta.get("fmn.version", ""))
-        except (KeyError, json.JSONDecodeError) as e:
-            raise PatchError(f"{path}: broken fmn metadata ({e})") from None
+            fields = dict(kind=meta["fmn.kind"], concepts=json.loads(meta["fmn.concepts"]),
+                          base_model=meta.get("fmn.base_model", ""), fingerprint=json.loads(meta["fmn.fingerprint"]),
+                          options=json.loads(meta.get("fmn.options", "{}")),
+                          summary=json.loads(meta.get("fmn.summary", "{}")), version=meta.get("fmn.version", ""))
+        except KeyError as e:
+            raise PatchError(f"{path}: broken fmn metadata: missing {e}") from None
+        except json.JSONDecodeError as e:
+            raise PatchError(f"{path}: broken fmn metadata: not JSON ({e})") from None
+        check_metadata(fields["kind"], fields["concepts"], fields["fingerprint"], fields["options"],
+                       fields["summary"], fields["base_model"])
+        patch = cls(tensors=tensors, **fields)
+        try:
+            patch.validate()
+        except PatchError as e:
+            raise PatchError(f"{path}: {e}") from None
+        return patch
 
     # -- applying
     def check(self, pipe) -> None:
         """Raises PatchMismatchError unless the patch was made for `pipe`'s current weights."""
         check_fingerprint(pipe, self.fingerprint, base_model=self.base_model)
 
-    def apply(self, pipe, *, check: bool = True, fuse: bool = True, adapter_name: str | None = None):
-        """Applies the patch to `pipe` in place and returns it.
+    def changes(self) -> dict:
+        """{target name: (kind of change, fp32 tensor)}: "add" a delta, "set" a replacement."""
+        t, out = self.tensors, {}
+        for name in target_names(self.kind, t):
+            if self.kind == "lora":
+                stem = name[: -len(".weight")]
+                a, b = t[stem + ".lora_A.weight"].float(), t[stem + ".lora_B.weight"].float()
+                out[name] = ("add", b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))
+            elif name + UP_SUFFIX in t:
+                down = t[name + DOWN_SUFFIX].float()
+                out[name] = ("add", t[name + UP_SUFFIX].float() @ down.reshape(down.shape[0], -1))
+            elif t[name].dtype == torch.int8:
+                out[name] = ("add", dequantize_delta(t[name], t[name + SCALE_SUFFIX]))
+            else:
+                out[name] = ("add" if self.kind == "delta" else "set", t[name])
+        return out
 
-        delta/replace patches change the trained tensors. LoRA patches are merged into the base
-        weights when fuse=True (W += B @ A, in fp32, then cast back); with fuse=False they are
+    def apply(self, pipe, *, check: bool = True, fuse: bool = True, adapter_name: str | None = None):
+        """Applies the patch to `pipe` in place and returns it; all or nothing: any failure (a bad
+        patch, another model, an interrupt) leaves every weight of `pipe` as it was.
+
+        Everything is validated (and with check=True the fingerprint compared) before any weight is
+        touched. delta/replace patches change the trained tensors; LoRA patches are merged into the
+        base weights when fuse=True (W += B @ A, in fp32, then cast back); with fuse=False they are
         loaded as a peft adapter through `pipe.load_lora_weights` (name `adapter_name`, default
         "fmn_<patch id>"), which keeps them switchable.
         """
+        self.validate(pipe)
         if check:
             self.check(pipe)
+        if self.kind == "lora" and not fuse:
+            return self._load_adapter(pipe, adapter_name or f"fmn_{self.id}")
         with torch.no_grad():
-            if self.kind == "lora" and not fuse:
-                pipe.load_lora_weights({k: v for k, v in self.tensors.items()},
-                                       adapter_name=adapter_name or f"fmn_{self.id}")
-                return pipe
-            if self.kind == "lora":
-                for key_a in [k for k in self.tensors if k.endswith(".lora_A.weight")]:
-                    stem = key_a[: -len(".lora_A.weight")]
-                    a = self.tensors[key_a].float()
-                    b = self.tensors[stem + ".lora_B.weight"].float()
-                    w = get_tensor(pipe, stem + ".weight")
-                    delta = (b.to(w.device) @ a.to(w.device)).reshape(w.shape)
-                    w.copy_((w.float() + delta).to(w.dtype))
-                return pipe
-            for name, t in self.tensors.items():
-                if name.endswith(SCALE_SUFFIX):
-                    continue
+            new = {}
+            for name, (op, t) in self.changes().items():
                 w = get_tensor(pipe, name)
-                if t.dtype == torch.int8:
-                    t = dequantize_delta(t, self.tensors[name + SCALE_SUFFIX])
-                t = t.to(w.device)
-                if self.kind == "delta":
-                    w.copy_((w.float() + t.float()).to(w.dtype))
-                else:
-                    w.copy_(t.to(w.dtype))
+                t = t.to(w.device).reshape(w.shape)
+                value = (w.float() + t.float()).to(w.dtype) if op == "add" else t.to(w.dtype)
+                if not bool(torch.isfinite(value).all()):
+                    raise PatchError(f"applying the patch would make {name} non-finite (overflow in {w.dtype}?); "
+                                     "the pipeline is unchanged")
+                new[name] = (w, value)
+            _copy_all(new)
+        return pipe
+
+    def _load_adapter(self, pipe, name):
+        try:
+            pipe.load_lora_weights({k: v for k, v in self.tensors.items()}, adapter_name=name)
+        except BaseException:
+            if name in getattr(pipe, "get_list_adapters", lambda: {})().get("unet", []):
+                pipe.delete_adapters([name])
+            raise
         return pipe
 
     @classmethod
@@ -341,6 +369,31 @@ class Patch:
             touched = {k for k in tensors if not k.endswith(SCALE_SUFFIX)}
             kind = "replace" if dtype is None else "delta"
         return cls(tensors=tensors, kind=kind, fingerprint=restrict_fingerprint(fingerprint, touched), **fields)
+
+
+def _copy_all(new: dict) -> None:
+    """w.copy_(value) for every (w, value); on any failure or interrupt, the old values come back."""
+    done = []
+    try:
+        for w, value in new.values():
+            old = w.detach().clone()
+            w.copy_(value)
+            done.append((w, old))
+    except BaseException:
+        for w, old in reversed(done):
+            w.copy_(old)
+        raise
+
+
+def _read_safetensors(path: Path):
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise PatchError(f"cannot read patch {path}: not a safetensors file ({e})") from None
+    return meta, tensors
 
 
 def load_patch(path) -> Patch:

@@ -59,18 +59,16 @@ def _merges_used(words, merges) -> list:
 
 
 @lru_cache(maxsize=4)
-def _vocab_folder(words: tuple | None = None) -> str:
+def _vocab_texts(words: tuple | None = None) -> tuple[str, str]:
+    """(vocab.json, merges.txt) contents."""
     merges = list(_merges())
     if words is not None:
         merges = _merges_used(words, merges)
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(tempfile.mkdtemp(prefix="fmn-clip-tok-"))
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                       encoding="utf-8")
-    return str(folder)
+    return (json.dumps({t: i for i, t in enumerate(vocab)}),
+            "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77, words=None) -> CLIPTokenizer:
@@ -84,8 +82,12 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77,
         words = tuple(sorted({w.lower() for text in words for w in str(text).split()}))
         if not words:
             raise ValueError("words must name at least one word")
-    return CLIPTokenizer.from_pretrained(_vocab_folder(words), pad_token=pad_token,
-                                         model_max_length=model_max_length)
+    vocab, merges = _vocab_texts(words)
+    # the tokenizer reads its files once, at load: the folder is removed right after
+    with tempfile.TemporaryDirectory(prefix="fmn-clip-tok-") as folder:
+        (Path(folder) / "vocab.json").write_text(vocab, encoding="utf-8")
+        (Path(folder) / "merges.txt").write_text(merges, encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(folder, pad_token=pad_token, model_max_length=model_max_length)
 
 
 # Text the small T5 tokenizer is trained on: every ASCII letter, digit and common punctuation

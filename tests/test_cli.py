@@ -10,6 +10,7 @@ from PIL import Image
 
 from fmn.families import UNetFamily
 from fmn.cli import main
+from fmn.grid import cell, layout
 from fmn.patch import load_patch
 from fmn.testing import save_tiny_pipeline
 
@@ -92,13 +93,17 @@ def test_generate_grid_and_compare(model, patch_file, tmp_path):
     assert main(["generate", "--model", model, "--patch", str(patch_file), "--prompt", "a photo of cat",
                  "--prompt", "a dog", "--n", "2", "--steps", "2", "--compare", "--out", str(out), "-q"]) == 0
     im = Image.open(out)
-    assert im.size == (4 * 16, 2 * 16)  # 2 prompts x (2 base + 2 patched), 16 px images
-    left, right = im.crop((0, 0, 32, 32)), im.crop((32, 0, 64, 32))
-    assert left.tobytes() != right.tobytes()
+    prompts, cols = ["a photo of cat", "a dog"], ["base s0", "base s1", "patched s0", "patched s1"]
+    lay = layout((16, 16), prompts, cols)  # 2 prompts x (2 base + 2 patched), 16 px images, labelled
+    assert im.size == cell(lay, 1, 3)[2:]
+    for r in range(2):
+        for c in range(2):
+            assert im.crop(cell(lay, r, c)).tobytes() != im.crop(cell(lay, r, c + 2)).tobytes()
+    assert len(set(im.crop((0, 0, lay[1], im.size[1])).getdata())) > 1  # the prompt labels are drawn
     plain = tmp_path / "plain.png"
     assert main(["generate", "--model", model, "--prompt", "a cat", "--n", "1", "--steps", "1",
                  "--out", str(plain), "-q"]) == 0
-    assert Image.open(plain).size == (16, 16)
+    assert Image.open(plain).size == cell(layout((16, 16), ["a cat"], ["seed s0"]), 0, 0)[2:]
 
 
 def test_forget_writes_a_before_after_grid(model, tmp_path):
@@ -106,8 +111,10 @@ def test_forget_writes_a_before_after_grid(model, tmp_path):
     assert main(["forget", "--model", model, "--concept", "cat", "--out", str(out), "--grid", str(grid),
                  "--grid-prompt", "a photo of cat", "--grid-prompt", "a dog", "--grid-steps", "2", *FAST]) == 0
     im = Image.open(grid)
-    assert im.size == (8 * 16, 2 * 16)  # 2 prompts x (4 base + 4 patched)
-    assert im.crop((0, 0, 64, 16)).tobytes() != im.crop((64, 0, 128, 16)).tobytes()
+    cols = [f"base s{i}" for i in range(4)] + [f"patched s{i}" for i in range(4)]
+    lay = layout((16, 16), ["a photo of cat", "a dog"], cols)  # 2 prompts x (4 base + 4 patched)
+    assert im.size == cell(lay, 1, 7)[2:]
+    assert im.crop(cell(lay, 0, 0)).tobytes() != im.crop(cell(lay, 0, 4)).tobytes()
     # an existing grid is refused before any training, and nothing is written
     out2 = tmp_path / "p2.safetensors"
     assert main(["forget", "--model", model, "--concept", "cat", "--out", str(out2), "--grid", str(grid), *FAST]) == 2
@@ -125,13 +132,20 @@ def test_eval_on_the_builtin_model(tmp_path):
     for key in ("ua", "in_domain_retain", "cross_domain_retain"):
         assert 0 <= m["patched"][key] <= 1
     assert "in_domain_retain_rel" in m["patched"] and Image.open(grid).size[0] > 2 * 5 * 32
+    from fmn.toy import COLORS, SHAPES
+    lay = layout((32, 32), SHAPES, [f"{p} {c} s0" for p in ("base", "patched") for c in COLORS])
+    assert Image.open(grid).size == cell(lay, 4, 9)[2:]  # a row per shape, base and patched colours
     assert main(["eval", "--forget", "hexagon", "--out", str(tmp_path / "x.json"), "-q"]) == 2
 
 
 def test_info(patch_file, capsys):
-    assert main(["info", str(patch_file)]) == 0
+    assert main(["info", str(patch_file), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["concepts"] == ["cat"] and info["kind"] == "delta" and info["options"]["train"] == "attn2"
+    assert len(info["summary"]["losses"]) == 2 and info["fingerprint"]["tensors"]  # the whole record
+    assert main(["info", str(patch_file)]) == 0
+    short = capsys.readouterr().out.splitlines()
+    assert len(short) <= 8 and short[0].split() == ["concepts", "cat"] and "--json" in short[-1]
 
 
 def test_python_dash_m_end_to_end(model, tmp_path):
