@@ -22,14 +22,25 @@ LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 N_SAMPLES = 16
-COMPONENTS = ("unet",)  # what fmn trains; a patch naming another component is refused
-# trainable set (options["train"]) -> which UNet parameter names it can change
+# component -> trainable set (options["train"]) -> which of its parameter names the set can change.
+# The MM-DiT sets are fmn.families.mmdit's (it reads them from here); a patch naming another
+# component, or a name outside its set, is refused.
+MMDIT_LORA_TARGETS = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_q")
 TRAIN_SETS = {
-    "attn2": lambda n: ".attn2." in n,
-    "attn2-kv": lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n,
-    "unet": lambda n: True,
-    "lora": lambda n: any(f".attn2.{m}.weight" in n for m in ("to_q", "to_k", "to_v", "to_out.0")),
+    "unet": {
+        "attn2": lambda n: ".attn2." in n,
+        "attn2-kv": lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n,
+        "unet": lambda n: True,
+        "lora": lambda n: any(f".attn2.{m}.weight" in n for m in ("to_q", "to_k", "to_v", "to_out.0")),
+    },
+    "transformer": {
+        "attn2": lambda n: ".attn." in n,
+        "attn2-kv": lambda n: ".attn.add_k_proj." in n or ".attn.add_v_proj." in n,
+        "unet": lambda n: True,
+        "lora": lambda n: any(f".{m}.weight" in n for m in MMDIT_LORA_TARGETS),
+    },
 }
+COMPONENTS = tuple(TRAIN_SETS)
 
 
 class PatchError(ValueError):
@@ -108,7 +119,7 @@ def check_metadata(kind, concepts, fp, options, summary, base_model) -> None:
     if not isinstance(base_model, str):
         _fail(f"base_model must be a string, got {base_model!r:.80}")
     train = options.get("train", "lora" if kind == "lora" else "attn2")
-    if train not in TRAIN_SETS or (kind == "lora") != (train == "lora"):
+    if train not in TRAIN_SETS["unet"] or (kind == "lora") != (train == "lora"):
         _fail(f"options.train {train!r} does not fit a {kind!r} patch")
     check_fingerprint_schema(fp)
 
@@ -181,12 +192,11 @@ def check_tensors(kind, tensors, fp, options) -> None:
             _fail(f"patch entry {k} is not a tensor")
     names = target_names(kind, tensors)
     train = options.get("train", "lora" if kind == "lora" else "attn2")
-    allowed = TRAIN_SETS[train]
     for name in names:
         component, _, param = name.partition(".")
         if component not in COMPONENTS or not param:
             _fail(f"patch tensor {name} is outside what fmn changes (components {COMPONENTS})")
-        if not allowed(param):
+        if not TRAIN_SETS[component][train](param):
             _fail(f"patch tensor {name} is outside the trainable set train={train!r}")
         _check_group(kind, name, _group(kind, tensors, name))
     expected = {k for name in names for k in _keys(kind, name)}

@@ -10,6 +10,7 @@ from diffusers import DiffusionPipeline
 import fmn
 from fmn.cli import main as cli
 from fmn.families.mmdit import MMDiTFamily
+from fmn.grid import cell, layout
 from fmn.patch import PatchMismatchError, get_tensor
 from fmn.testing import tiny_flux_pipeline, tiny_sd3_pipeline
 
@@ -88,7 +89,9 @@ def test_cli_forget_apply_generate_on_a_pipeline_folder(kind, tmp_path):
     original = DiffusionPipeline.from_pretrained(str(model))
     assert not torch.equal(get_tensor(loaded, name), get_tensor(original, name))
     from PIL import Image
-    assert Image.open(grid).size == (128, 64)
+    # one prompt x (base, patched), 64 px images, labelled (fmn.grid)
+    lay = layout((64, 64), ["a painting by Van Gogh"], ["base s0", "patched s0"])
+    assert Image.open(grid).size == cell(lay, 0, 1)[2:]
 
 
 def test_visual_loss_run_on_generated_pairs():

@@ -39,13 +39,13 @@ import math
 
 import torch
 
+from fmn import patch_check
 from fmn.families.base import ModelFamily
 from fmn.mmdit_attention import is_mmdit, joint_attention_layers, suppress, use_fused_attention
 from fmn.spans import mmdit_family, mmdit_text_mask, pipeline_max_sequence_length
 
 TRAIN_SETS = ("attn2", "attn2-kv", "unet", "lora")
-_TEXT_KV = (".attn.add_k_proj.", ".attn.add_v_proj.")
-LORA_TARGETS = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_q"]
+LORA_TARGETS = list(patch_check.MMDIT_LORA_TARGETS)
 N_TRAIN_TIMESTEPS = 1000
 
 
@@ -199,11 +199,7 @@ class MMDiTFamily(ModelFamily):
         return suppress(self.pipe, concepts, backend=backend)
 
     def trainable(self, train):
-        keep = {
-            "attn2": lambda n: ".attn." in n,
-            "attn2-kv": lambda n: any(k in n for k in _TEXT_KV),
-            "unet": lambda n: True,
-        }[train]
+        keep = patch_check.TRAIN_SETS["transformer"][train]
         params = [(n, p) for n, p in self.denoiser.named_parameters() if keep(n)]
         if not params:
             raise ValueError(f"the transformer has no parameters for train={train!r}")
