@@ -103,12 +103,15 @@ def run_all(args):
     classifier = load_classifier()
     from fmn.trainer import _accelerator
     _accelerator()
-    ref = evaluate_split(base, args.split, classifier=classifier, return_images=True)  # scored anew per task
+    methods = args.methods or ALL_METHODS
+    # the base model's images, scored anew per task; without "base" among the methods (a part run in parallel
+    # with one that has it) the retains relative to base are filled in by --merge
+    ref = evaluate_split(base, args.split, classifier=classifier, return_images=True) if "base" in methods else None
     tasks = [t.split("+") for t in (args.tasks or ALL_TASKS)]
     rows = []
     for concepts in tasks:
-        base_m = score(ref["specs"], ref["predictions"]["shape"], ref["predictions"]["color"], concepts)
-        for name in args.methods or ALL_METHODS:
+        base_m = ref and score(ref["specs"], ref["predictions"]["shape"], ref["predictions"]["color"], concepts)
+        for name in methods:
             torch.manual_seed(0)
             if name == "base":
                 m, train_s = dict(base_m, seconds=ref["seconds"]), 0.0
@@ -117,7 +120,7 @@ def run_all(args):
                                                              seed=args.forget_seed)
                 with context:
                     m = evaluate_split(pipe, args.split, forgotten=concepts, classifier=classifier, **eval_kw)
-            rel = relative_to(m, base_m)
+            rel = relative_to(m, base_m) if base_m else {}
             rows.append({"task": "+".join(concepts), "method": "fmn" if name == ALL_METHODS[-1] else name,
                          "UA": m["ua"], "IRA": m["in_domain_retain"], "CRA": m["cross_domain_retain"],
                          "IRA_rel": rel.get("in_domain_retain_rel"), "CRA_rel": rel.get("cross_domain_retain_rel"),
@@ -145,9 +148,10 @@ def summarise(rows):
             if not sel:
                 continue
             for stat, fn in (("min", min), ("mean", lambda v: sum(v) / len(v))):
+                vals = {k: [r[k] for r in sel if r.get(k) is not None] for k in ("UA", "IRA", "CRA", "IRA_rel",
+                                                                                  "CRA_rel", "train_s")}
                 out.append({"task": f"{stat} ({kind}, {len(sel)})", "method": method,
-                            **{k: fn([r[k] for r in sel]) for k in ("UA", "IRA", "CRA", "IRA_rel", "CRA_rel",
-                                                                      "train_s")}})
+                            **{k: fn(v) if v else None for k, v in vals.items()}})
     return out
 
 
@@ -159,6 +163,11 @@ def merge_all(paths, out):
     order = {t: i for i, t in enumerate(ALL_TASKS)}
     methods = ["base", "negative prompt", "suppress", "esd-x", "fmn"]
     rows.sort(key=lambda r: (order.get(r["task"], 99), methods.index(r["method"]) if r["method"] in methods else 9))
+    base = {r["task"]: r for r in rows if r["method"] == "base"}
+    for r in rows:
+        b = base.get(r["task"])
+        if r.get("IRA_rel") is None and b and r["IRA"] is not None and b["IRA"]:
+            r["IRA_rel"], r["CRA_rel"] = r["IRA"] / b["IRA"], r["CRA"] / b["CRA"]
     payload = dict(parts[0], rows=rows, summary=summarise(rows), machine=[p["machine"] for p in parts])
     write_json_atomic(out, payload)
     print_table(rows + payload["summary"], COLUMNS)
