@@ -257,7 +257,10 @@ def cmd_generate(a):
 
 def cmd_eval(a):
     """Forgetting metrics on a toy-model-family pipeline (the built-in one by default), with or
-    without a patch: UA, in-domain and cross-domain retain accuracy, and the base's for reference."""
+    without a patch: UA, in-domain and cross-domain retain accuracy, and the base's for reference;
+    with --robustness also the Memorization Score and an inversion attack's success rate."""
+    import copy
+
     import torch
     from fmn.patch import atomic_write, load_patch
     from fmn.toy import evaluate, load_classifier, relative_to, save_grid
@@ -265,6 +268,13 @@ def cmd_eval(a):
     for c in a.forget:
         if c not in SHAPES + COLORS:
             raise CLIError(f"--forget {c!r}: fmn eval scores the toy model's shapes {SHAPES} and colours {COLORS}")
+    if a.robustness and not a.patch:
+        raise CLIError("--robustness compares the base and the patched model: give --patch")
+    if a.inversion_steps is None:
+        from fmn.toy.robustness import INVERSION_STEPS
+        a.inversion_steps = INVERSION_STEPS
+    if a.inversion_steps < 1:
+        raise CLIError(f"--inversion-steps must be >= 1, got {a.inversion_steps}")
     _refuse_existing(a.out, a.force)
     if a.grid:
         _refuse_existing(a.grid, a.force)
@@ -284,11 +294,15 @@ def cmd_eval(a):
     panels = {"base": base.pop("images", None)}
     results["base"] = {k: v for k, v in base.items() if k not in ("specs", "predictions")}
     if patch is not None:
+        base_pipe = copy.deepcopy(pipe) if a.robustness else None
         patch.apply(pipe, check=False)
         after = evaluate(pipe, **kw)
         panels["patched"] = after.pop("images", None)
         results["patched"] = {k: v for k, v in after.items() if k not in ("specs", "predictions")}
         results["patched"].update(relative_to(after, base))
+        if a.robustness:
+            from fmn.toy.robustness import report
+            results["robustness"] = report(base_pipe, pipe, a.forget, classifier, steps=a.inversion_steps)
     atomic_write(a.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=str)), force=a.force)
     if a.grid:
         first = slice(0, None, len(seeds))  # one image per prompt: rows = shapes, columns = colours
@@ -300,6 +314,10 @@ def cmd_eval(a):
                 r = results[name]
                 print(f"{name:8s} UA {r.get('ua')}  in-domain retain {r.get('in_domain_retain')}  "
                       f"cross-domain retain {r.get('cross_domain_retain')}  ({r['n_images']} images, {r['seconds']:.1f} s)")
+        for c, r in results.get("robustness", {}).items():
+            ms = r["memorization_score"]
+            print(f"{c}: memorization score {ms['base']:.3f} -> {ms['patched']:.3f}; inversion attack "
+                  f"({r['inversion_steps']} steps) success {r['attack_success']:.2f} (on base {r['attack_success_on_base']:.2f})")
         print(f"wrote {a.out}" + (f" and {a.grid}" if a.grid else ""))
     return 0
 
@@ -407,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance-scale", type=float, default=5.0)
     e.add_argument("--out", required=True, help="JSON file to write")
     e.add_argument("--grid", default=None, help="PNG of base | patched, one image per prompt")
+    e.add_argument("--robustness", action="store_true",
+                   help="with --patch: the Memorization Score (textual inversion of the concept's data-set images on "
+                        "base and patched model, cosine to the word's embedding) and an inversion attack's success "
+                        "rate (share of 20 images drawn from the token inverted on the patched model that show the "
+                        "concept); see fmn.toy.robustness")
+    e.add_argument("--inversion-steps", type=int, default=None, help="inversion steps (default: fmn.toy.robustness's)")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="print a patch's metadata")
