@@ -33,18 +33,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SD21_BASE_UNET, device_tag, machine_info, print_table, write_json_atomic  # noqa: E402
+from common import (RESULTS, SD21_BASE_UNET, device_tag, machine_info, print_table, proc_status_kib,  # noqa: E402
+                    reset_peak_rss, write_json_atomic)
 
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 import fmn  # noqa: E402
 from fmn.tokenizer import clip_tokenizer  # noqa: E402
+from fmn.options import PRECISIONS  # noqa: E402
 from fmn.patch import SCALE_SUFFIX, quantize_delta  # noqa: E402
 
 N_REFERENCE = 10
 RESOLUTION = 512
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_pipeline(device):
@@ -64,23 +65,6 @@ def build_pipeline(device):
                                    requires_safety_checker=False)
 
 
-def _vm_kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return None
-
-
-def _reset_hwm():
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
 def run_once(pipe, device, *, backend, precision, batch, steps, train, warmup):
     lat = torch.randn(N_REFERENCE, 4, 64, 64, generator=torch.Generator().manual_seed(0))
     kw = dict(images=lat, steps=steps, batch_size=batch, train=train, precision=precision, resolution=RESOLUTION,
@@ -91,7 +75,7 @@ def run_once(pipe, device, *, backend, precision, batch, steps, train, warmup):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.synchronize(device)
-    hwm_ok = device.type == "cpu" and _reset_hwm()
+    hwm_ok = device.type == "cpu" and reset_peak_rss()
     start = time.perf_counter()
     patch = fmn.forget(pipe, "cat", **kw)
     wall = time.perf_counter() - start
@@ -104,7 +88,10 @@ def run_once(pipe, device, *, backend, precision, batch, steps, train, warmup):
             for name, delta in patch.tensors.items():
                 int8[name], int8[name + SCALE_SUFFIX] = quantize_delta(delta)
             size_int8 = os.path.getsize(dataclasses.replace(patch, tensors=int8).save(Path(d) / "p8.safetensors"))
-    peak = s["peak_memory_bytes"] if device.type == "cuda" else (_vm_kib("VmHWM") * 1024 if hwm_ok else s["peak_rss_bytes"])
+    if device.type == "cuda":
+        peak = s["peak_memory_bytes"]
+    else:
+        peak = proc_status_kib("VmHWM") * 1024 if hwm_ok else s["peak_rss_bytes"]
     return {
         "attention": "fused" if backend == "triton" else "materialising", "backend": backend,
         "precision": precision, "batch": batch, "train": train, "steps": steps,
@@ -122,7 +109,8 @@ def plot(rows, path, title):
     import matplotlib.pyplot as plt
     labels = [f"{r['attention']}\n{r['precision']} b{r['batch']}\n{r['train']}" for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.6 * len(rows) * 1.5), 4.2))
-    for ax, key, unit, goal in ((axes[0], "seconds_train", "s (training steps)", 5.0 if rows[0]["steps"] == 35 else None),
+    goal_s = 5.0 if rows[0]["steps"] == 35 else None
+    for ax, key, unit, goal in ((axes[0], "seconds_train", "s (training steps)", goal_s),
                                 (axes[1], "peak_memory_gib", "GiB peak", 8e9 / 2**30),
                                 (axes[2], "patch_mib", "MiB patch", 50e6 / 2**20)):
         vals = [r[key] or 0 for r in rows]
@@ -170,7 +158,7 @@ def main():
           f"{steps} step(s) per run", flush=True)
     rows = []
     for backend, precision, batch, train in configs:
-        dtype = DTYPES[precision]
+        dtype = PRECISIONS[precision]
         if pipe.unet.dtype != dtype:
             pipe.to(dtype=dtype)
         try:

@@ -131,7 +131,8 @@ def main():
                 print_table_row(rows[-1])
 
     print()
-    print_table(rows, ["model", "heads", "N", "L", "D", "provider", "mode", "ms", "GBps", "TFLOPs", "peak_MiB", "attn_map_MiB"])
+    print_table(rows, ["model", "heads", "N", "L", "D", "provider", "mode", "ms", "GBps", "TFLOPs", "peak_MiB",
+                       "attn_map_MiB"])
     out = args.out or RESULTS / f"kernels_{device_tag(device)}{'_quick' if args.quick else ''}.json"
     write_json_atomic(out, {"benchmark": "concept attention kernels", "machine": machine_info(),
                             "dtype": str(dtype), "batch": 1, "repeats": repeats, "concept_columns": CONCEPT_COLUMNS,
@@ -154,7 +155,8 @@ def plot(rows, path, title):
     shapes = sorted({(r["model"], r["heads"], r["N"], r["L"], r["D"]) for r in rows}, key=lambda s: (s[0], -s[2]))
     providers = sorted({r["provider"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    for ax, key, label in ((axes[0], "ms", "fwd+bwd time (ms, log)"), (axes[1], "peak_MiB", "fwd+bwd peak memory (MiB, log)")):
+    panels = ((axes[0], "ms", "fwd+bwd time (ms, log)"), (axes[1], "peak_MiB", "fwd+bwd peak memory (MiB, log)"))
+    for ax, key, label in panels:
         width = 0.8 / len(providers)
         for i, provider in enumerate(providers):
             values = [next((r[key] for r in rows if (r["model"], r["heads"], r["N"], r["L"], r["D"]) == s

@@ -43,7 +43,8 @@ from fmn.toy import (COLORS, SHAPES, SPLITS, evaluate, evaluate_split, load_clas
                      prompt_set, relative_to, save_grid, score)
 from fmn.toy.defaults import FORGET_DEFAULTS, forget_defaults  # noqa: E402
 
-FMN_VARIANTS = ["fmn attention / attn2", "fmn attention / attn2, no anchor", "fmn attention / attn2, no anchor, no retain",
+FMN_VARIANTS = ["fmn attention / attn2", "fmn attention / attn2, no anchor",
+                "fmn attention / attn2, no anchor, no retain",
                 "fmn attention / attn2-kv", "fmn attention / unet", "fmn attention / lora", "fmn visual / attn2",
                 "fmn both / attn2"]
 
@@ -233,8 +234,8 @@ def main():
     tasks = [t.split("+") for t in (args.tasks or (["circle"] if args.quick else ["circle", "circle+square", "red"]))]
     base = load_default_pipeline(path=args.model)
     classifier = load_classifier()
-    from fmn.trainer import _accelerator
-    _accelerator()  # accelerate's one-time import and set-up: in no method's time
+    from fmn.runtime import accelerator
+    accelerator()  # accelerate's one-time import and set-up: in no method's time
     task_options = {"+".join(c): forget_defaults(c) for c in tasks}  # templates, retain, anchor are per task
     rows, grids = [], {}
 

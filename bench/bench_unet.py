@@ -21,8 +21,6 @@ The first call of each variant is the memory measurement and the first warm-up.
 Writes bench/results/unet_<device>.json and .png.
 """
 import argparse
-import ctypes
-import gc
 import os
 import resource
 import statistics
@@ -33,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SD21_BASE_UNET, device_tag, machine_info, print_table, write_json_atomic  # noqa: E402
+from common import (RESULTS, SD21_BASE_UNET, device_tag, machine_info, print_table, proc_status_kib,  # noqa: E402
+                    reset_peak_rss, write_json_atomic)
 
 from diffusers import UNet2DConditionModel  # noqa: E402
 
@@ -71,21 +70,6 @@ def materialising_step(unet, inputs, mask, backend=None):
 VARIANTS = {"fused": fused_step, "materialising": materialising_step}
 
 
-def _status_kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _release_cpu_memory():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def measure_peak(fn, device):
     """(result of fn(), extra MiB above the state before, total MiB at the peak)."""
     if device.type == "cuda":
@@ -96,13 +80,11 @@ def measure_peak(fn, device):
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return result, (peak - before) / 2**20, peak / 2**20
-    _release_cpu_memory()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        before = _status_kib("VmRSS")
+    if reset_peak_rss():
+        before = proc_status_kib("VmRSS")
         result = fn()
-        peak = _status_kib("VmHWM")
-    except OSError:
+        peak = proc_status_kib("VmHWM")
+    else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         result = fn()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -96,21 +96,35 @@ def peak_memory_mib(fn, device: torch.device) -> float:
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _proc_status_kib("VmRSS")
-    except (OSError, AttributeError, ValueError):
+    if not reset_peak_rss():
         return float("nan")
+    before = proc_status_kib("VmRSS")
     fn()
-    return (_proc_status_kib("VmHWM") - before) / 1024
+    return (proc_status_kib("VmHWM") - before) / 1024
 
 
-def _proc_status_kib(field: str) -> int:
+def proc_status_kib(field: str) -> int:
+    """A kB field of /proc/self/status (VmRSS, VmHWM, ...)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise ValueError(f"{field} not in /proc/self/status")
 
+
+def reset_peak_rss() -> bool:
+    """Frees what glibc holds (malloc_trim), then resets VmHWM to the current resident set through
+    /proc/self/clear_refs; False where either is unavailable (no Linux /proc, another libc)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        proc_status_kib("VmRSS")
+        return True
+    except (OSError, AttributeError, ValueError):
+        return False
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

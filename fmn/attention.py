@@ -6,23 +6,29 @@ layer (`attn2`) of a UNet2DConditionModel and computes the attention through
 layer's concept score without materialising the attention maps. Self-attention layers keep
 their own processors.
 
-A processor has three settings, changed by the context managers below, never by hand:
+Per-call data reaches the processors through one explicit object, `AttentionContext`, shared by
+all processors a `FusedAttention` handle installs (`handle.context`). It holds:
 - `concept_weights` [B, 77]: record each layer's concept score sum_j w_j p_ij^2 ([B, H, N]) into
   `recorder` (`concept_scores`);
 - `zero_mask` [B, 77] bool: zero those columns' probabilities after the softmax, not
   renormalised (`zero_columns`, `suppress`);
 - neither: plain fused attention (`use_fused_attention`).
-Masks are batch-major, aligned with the encoder_hidden_states batch the UNet is called with.
+The context managers below set it for the duration of a block and put back what was there.
+(diffusers' `cross_attention_kwargs` would reach the self-attention processors too, which
+warn on every call about keys they do not take.) Masks are batch-major, aligned with the
+encoder_hidden_states batch the UNet is called with.
 """
 import inspect
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from fmn_kernels import cross_attention
+from fmn_kernels.api import check_backend
 from fmn.spans import concept_token_mask, with_guidance
 
 # Processors whose math AttnProcessor2_0 reproduces; anything else (IP-adapter, custom
@@ -35,6 +41,14 @@ _PLAIN_PROCESSORS = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor
 _MASKED_BIAS = -1e4
 
 
+@dataclass
+class AttentionContext:
+    """What the fused processors do on the calls made while it is set (see the module docstring)."""
+    concept_weights: torch.Tensor | None = None
+    zero_mask: torch.Tensor | None = None
+    recorder: "ConceptScores | None" = None
+
+
 class FusedCrossAttnProcessor:
     """AttnProcessor2_0 for cross-attention, computed by fmn_kernels.cross_attention.
 
@@ -43,12 +57,10 @@ class FusedCrossAttnProcessor:
     softmax scale is `attn.scale`, passed explicitly.
     """
 
-    def __init__(self, name: str = "", backend: str = "auto"):
+    def __init__(self, name: str = "", backend: str = "auto", context: AttentionContext | None = None):
         self.name = name
         self.backend = backend
-        self.concept_weights = None
-        self.zero_mask = None
-        self.recorder = None
+        self.context = context if context is not None else AttentionContext()
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
@@ -108,8 +120,8 @@ class FusedCrossAttnProcessor:
 
     def _cross_attention(self, attn, query, key, value, bias):
         batch, key_len = key.shape[0], key.shape[2]
-        weights = _fit_mask("concept_weights", self.concept_weights, batch, key_len, query.device, self.name)
-        zero = _fit_mask("zero_mask", self.zero_mask, batch, key_len, query.device, self.name)
+        weights = _fit_mask("concept_weights", self.context.concept_weights, batch, key_len, query.device, self.name)
+        zero = _fit_mask("zero_mask", self.context.zero_mask, batch, key_len, query.device, self.name)
         key_mask = None
         if bias is not None:
             key_mask = _key_mask_from_bias(bias)
@@ -125,8 +137,8 @@ class FusedCrossAttnProcessor:
         return out
 
     def _record(self, score):
-        if score is not None and self.recorder is not None:
-            self.recorder.add(self.name, score)
+        if score is not None and self.context.recorder is not None:
+            self.context.recorder.add(self.name, score)
 
 
 def _fit_mask(name, mask, batch, key_len, device, layer):
@@ -238,8 +250,7 @@ class FusedAttention:
     original processor objects."""
 
     def __init__(self, unet_or_pipe, backend="auto"):
-        if backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        check_backend(backend)
         layers = cross_attention_layers(unet_or_pipe)
         for name, module in layers:
             kind = type(module.processor).__name__
@@ -247,8 +258,9 @@ class FusedAttention:
                 raise ValueError(f"layer {name!r} uses {kind}, which fmn's fused processor does not reproduce; "
                                  f"expected one of {sorted(_PLAIN_PROCESSORS)}")
         self._originals = [(module, module.processor) for _, module in layers]
+        self.context = AttentionContext()
         for name, module in layers:
-            module.set_processor(FusedCrossAttnProcessor(name, backend))
+            module.set_processor(FusedCrossAttnProcessor(name, backend, self.context))
 
     @property
     def processors(self) -> list[FusedCrossAttnProcessor]:
@@ -273,22 +285,42 @@ def use_fused_attention(unet_or_pipe, *, backend="auto") -> FusedAttention:
 
 
 @contextmanager
-def _configured(unet_or_pipe, backend, **settings):
-    """Sets processor attributes for the duration, installing the processors if needed."""
+def using(context: AttentionContext, **fields):
+    """Sets fields of `context` for the duration of the block, then puts back what was there."""
+    saved = {key: getattr(context, key) for key in fields}
+    try:
+        for key, value in fields.items():
+            setattr(context, key, value)
+        yield context
+    finally:
+        for key, value in saved.items():
+            setattr(context, key, value)
+
+
+@contextmanager
+def recording(context: AttentionContext, concept_weights):
+    """Inside, every fused processor reading `context` records its concept score for
+    concept_weights [B, L] (batch-major); yields the ConceptScores. The trainer's way in, given
+    the context of the processors it installed (model families other than the UNet's included)."""
+    recorder = ConceptScores()
+    with using(context, concept_weights=concept_weights, recorder=recorder):
+        yield recorder
+
+
+@contextmanager
+def _context_set(unet_or_pipe, backend, **settings):
+    """Sets the fused processors' AttentionContext fields for the duration, installing the
+    processors if needed; yields the context(s) set (one unless processors were installed one by one)."""
     layers = cross_attention_layers(unet_or_pipe)
     installed = all(isinstance(module.processor, FusedCrossAttnProcessor) for _, module in layers)
     handle = None if installed else FusedAttention(unet_or_pipe, backend)
-    processors = [module.processor for _, module in layers]
-    saved = [{key: getattr(p, key) for key in settings} for p in processors]
+    contexts = list({id(m.processor.context): m.processor.context for _, m in layers}.values())
     try:
-        for p in processors:
-            for key, value in settings.items():
-                setattr(p, key, value)
-        yield processors
+        with ExitStack() as stack:
+            for c in contexts:
+                stack.enter_context(using(c, **settings))
+            yield contexts
     finally:
-        for p, before in zip(processors, saved):
-            for key, value in before.items():
-                setattr(p, key, value)
         if handle is not None:
             handle.remove()
 
@@ -313,7 +345,7 @@ def concept_scores(unet_or_pipe, concept_weights, *, backend="auto"):
     """
     weights = _checked_mask("concept_weights", concept_weights, True, _unet_of(unet_or_pipe))
     recorder = ConceptScores()
-    with _configured(unet_or_pipe, backend, concept_weights=weights, recorder=recorder):
+    with _context_set(unet_or_pipe, backend, concept_weights=weights, recorder=recorder):
         yield recorder
 
 
@@ -322,7 +354,7 @@ def zero_columns(unet_or_pipe, zero_mask, *, backend="auto"):
     """Zeroes the True columns' attention probabilities (after softmax, no renormalisation) in
     every cross-attention layer while inside. zero_mask: [B, 77] bool, batch-major."""
     mask = _checked_mask("zero_mask", zero_mask, False, _unet_of(unet_or_pipe))
-    with _configured(unet_or_pipe, backend, zero_mask=mask):
+    with _context_set(unet_or_pipe, backend, zero_mask=mask):
         yield
 
 
@@ -354,7 +386,7 @@ def suppress(pipe, concepts, *, include_eos=False, backend="auto"):
     had_own = "encode_prompt" in vars(pipe)
 
     found = []
-    with _configured(pipe, backend, zero_mask=None) as processors:
+    with _context_set(pipe, backend, zero_mask=None) as contexts:
         def encode_prompt(*args, **kwargs):
             call = signature.bind(*args, **kwargs)
             call.apply_defaults()
@@ -378,8 +410,8 @@ def suppress(pipe, concepts, *, include_eos=False, backend="auto"):
             if given.get("do_classifier_free_guidance"):
                 mask = with_guidance(mask)
             mask = mask.to(pipe.unet.device)
-            for p in processors:
-                p.zero_mask = mask
+            for c in contexts:
+                c.zero_mask = mask
             return encode(*args, **kwargs)
 
         pipe.encode_prompt = encode_prompt

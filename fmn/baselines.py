@@ -16,7 +16,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from fmn.trainer import _alphas, _trainable, encode_text
+from fmn.families import family_for
 
 
 def esd(pipe, concepts, latents, *, prompts=None, steps=35, lr=1e-5, negative_guidance=1.0, train="attn2",
@@ -37,13 +37,14 @@ def esd(pipe, concepts, latents, *, prompts=None, steps=35, lr=1e-5, negative_gu
     unet = pipe.unet
     device = unet.device
     frozen = copy.deepcopy(unet).requires_grad_(False).eval()
-    alphas, n_train, prediction_type = _alphas(pipe, device)
-    if prediction_type != "epsilon":
-        raise ValueError(f"esd() supports epsilon-prediction models, got prediction_type={prediction_type!r}")
+    family = family_for(pipe)
+    n_train = family.timestep_count()
+    if family.prediction_type() != "epsilon":
+        raise ValueError(f"esd() supports epsilon-prediction models, got prediction_type={family.prediction_type()!r}")
     with torch.no_grad():
-        cond, _ = encode_text(pipe, prompts)
-        uncond, _ = encode_text(pipe, [""])
-    params = [p for _, p in _trainable(unet, train)]
+        cond, _ = family.encode_prompts(prompts)
+        uncond, _ = family.encode_prompts([""])
+    params = [p for _, p in family.trainable(train)]
     unet.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -58,8 +59,7 @@ def esd(pipe, concepts, latents, *, prompts=None, steps=35, lr=1e-5, negative_gu
             which = torch.randint(len(prompts), (batch_size,), generator=g)
             t = torch.randint(n_train, (batch_size,), generator=g).to(device)
             noise = torch.randn(latents[idx].shape, generator=g).to(device)
-            a = alphas[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * latents[idx] + (1 - a).sqrt() * noise
+            x_t = family.add_noise(latents[idx], noise, t)
             text = cond[which.to(device)]
             with torch.no_grad():
                 e_uncond = frozen(x_t, t, encoder_hidden_states=uncond.expand(batch_size, -1, -1)).sample

@@ -21,8 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fmn.options import BACKENDS, LOSSES, PATCH_DTYPES, PRECISIONS, TRAIN_SETS
+
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class CLIError(Exception):
@@ -52,7 +53,6 @@ def _device(name):
 
 def load_pipeline(model, precision="fp32", *, for_training=False, device=None):
     """A diffusers pipeline from a folder or hub id, with clear errors."""
-    import torch
     from diffusers import DiffusionPipeline
     model = model or _default_model()
     path = Path(model).expanduser()
@@ -61,14 +61,15 @@ def load_pipeline(model, precision="fp32", *, for_training=False, device=None):
         if not path.exists():
             raise CLIError(f"model folder {model} does not exist")
         if not path.is_dir():
-            raise CLIError(f"model {model} is not a folder (expected a diffusers pipeline folder with model_index.json)")
+            raise CLIError(f"model {model} is not a folder "
+                           "(expected a diffusers pipeline folder with model_index.json)")
         if not (path / "model_index.json").is_file():
             raise CLIError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
         model = str(path)
     import diffusers.utils.deprecation_utils as dep
     # diffusers renamed torch_dtype to dtype (0.36+); older versions only know torch_dtype
     dtype_kw = "dtype" if hasattr(dep, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
-    kwargs = {dtype_kw: getattr(torch, DTYPES[precision])}
+    kwargs = {dtype_kw: PRECISIONS[precision]}
     if for_training:
         try:
             cfg = DiffusionPipeline.load_config(model)
@@ -123,9 +124,34 @@ def _grid(images, rows, cols):
     return grid
 
 
+def format_summary(patch, path=None) -> str:
+    s = patch.summary
+    mem = s.get("peak_memory_bytes")
+    mem = f"{mem / 2**30:.2f} GiB (CUDA)" if mem else f"{s.get('peak_rss_bytes', 0) / 2**30:.2f} GiB (process RSS)"
+    size = Path(path).stat().st_size if path and Path(path).exists() else patch.nbytes
+    lines = [
+        f"concepts      {', '.join(patch.concepts)}",
+        f"time          {s['seconds_total']:.2f} s total, {s['seconds_train']:.2f} s for {s['steps']} steps "
+        f"(batch {s['batch_size']}, {s['device']})",
+        f"peak memory   {mem}",
+        f"loss          {s['loss_before']:.5g} -> {s['loss_after']:.5g}"
+        + "".join(f", {k} {s[k + '_losses'][0]:.3g} -> {s[k + '_loss_after']:.3g}" for k in ("retain", "anchor")
+                  if s.get(k + "_losses")),
+        f"patch         {patch.kind}, {len(patch.tensors)} tensors, {size / 2**20:.2f} MiB"
+        + (f" -> {path}" if path else ""),
+    ]
+    if s.get("inverted_tokens"):
+        lines.insert(1, f"inverted as   {s['inverted_tokens']}")
+    return "\n".join(lines)
+
+
+
 # ----------------------------------------------------------------------------- commands
 def cmd_forget(a):
-    from fmn.trainer import ForgetOptions, format_summary, forget
+    from fmn.families import family_for
+    from fmn.options import ForgetOptions, templates
+    from fmn.runtime import accelerator
+    from fmn.trainer import forget
     _refuse_existing(a.out, a.force)
     if a.grid:
         _refuse_existing(a.grid, a.force)
@@ -154,27 +180,27 @@ def cmd_forget(a):
         for key, value in forget_defaults(a.concept, anchor=anchored).items():
             if given.get(key) is None and not (key == "lr" and a.train == "lora"):
                 given[key] = value
+    given = {k: v for k, v in given.items() if v is not None}
     try:
-        opts = ForgetOptions(**{k: v for k, v in given.items() if v is not None})
+        opts = ForgetOptions(**given)  # checked before the (slow) pipeline load
     except ValueError as e:
         raise CLIError(str(e)) from None
     pipe = load_pipeline(a.model, a.precision, for_training=True, device=a.device)
+    defaults = family_for(pipe).default_options()
+    if defaults:  # the model family's own defaults, under what was given
+        opts = ForgetOptions(**{**defaults, **given})
     patch = forget(pipe, a.concept, images, options=opts)
-    from fmn.trainer import _accelerator
-    if not _accelerator().is_main_process:
+    if not accelerator().is_main_process:
         return 0
     path = patch.save(a.out, force=a.force)
     if not a.quiet:
         print(format_summary(patch, path))
     if a.grid:
-        from fmn.patch import atomic_write
-        from fmn.trainer import templates
         prompts = a.grid_prompt or [templates(opts.template)[0].format(c) for c in a.concept] + _retain_prompts(a)
         pipe.set_progress_bar_config(disable=True)
         steps = a.grid_steps or opts.gen_steps
         guidance = a.grid_guidance_scale or opts.guidance_scale
-        grid = _compare_grid(pipe, patch, prompts, 4, steps, guidance, a.seed, a.resolution)
-        atomic_write(a.grid, lambda tmp: grid.save(tmp, format="PNG"), force=a.force)
+        _write_grid(a.grid, _compare_grid(pipe, patch, prompts, 4, steps, guidance, a.seed, a.resolution), a.force)
         if not a.quiet:
             print(f"grid          {a.grid}: rows {prompts}, 4 seeds base | 4 seeds patched")
     return 0
@@ -230,8 +256,13 @@ def _compare_grid(pipe, patch, prompts, n, steps, guidance_scale, seed, resoluti
     return _grid(rows, len(prompts), 2 * n)
 
 
+def _write_grid(path, grid, force):
+    from fmn.patch import atomic_write
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"), force=force)
+
+
 def cmd_generate(a):
-    from fmn.patch import atomic_write, load_patch
+    from fmn.patch import load_patch
     _refuse_existing(a.out, a.force)
     if a.compare and not a.patch:
         raise CLIError("--compare needs --patch")
@@ -248,7 +279,7 @@ def cmd_generate(a):
         if patch is not None:
             patch.apply(pipe)
         grid = _grid(_images(pipe, a.prompt, *args), len(a.prompt), a.n)
-    atomic_write(a.out, lambda tmp: grid.save(tmp, format="PNG"), force=a.force)
+    _write_grid(a.out, grid, a.force)
     if not a.quiet:
         print(f"wrote {a.out} ({len(a.prompt)} prompts x {a.n} images"
               + (", base | patched" if a.compare else "") + ")")
@@ -313,11 +344,13 @@ def cmd_eval(a):
             if name in results:
                 r = results[name]
                 print(f"{name:8s} UA {r.get('ua')}  in-domain retain {r.get('in_domain_retain')}  "
-                      f"cross-domain retain {r.get('cross_domain_retain')}  ({r['n_images']} images, {r['seconds']:.1f} s)")
+                      f"cross-domain retain {r.get('cross_domain_retain')}  "
+                      f"({r['n_images']} images, {r['seconds']:.1f} s)")
         for c, r in results.get("robustness", {}).items():
             ms = r["memorization_score"]
             print(f"{c}: memorization score {ms['base']:.3f} -> {ms['patched']:.3f}; inversion attack "
-                  f"({r['inversion_steps']} steps) success {r['attack_success']:.2f} (on base {r['attack_success_on_base']:.2f})")
+                  f"({r['inversion_steps']} steps) success {r['attack_success']:.2f} "
+                  f"(on base {r['attack_success_on_base']:.2f})")
         print(f"wrote {a.out}" + (f" and {a.grid}" if a.grid else ""))
     return 0
 
@@ -340,9 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"fmn {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL); default: the built-in toy model"):
+    def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL); "
+                             "default: the built-in toy model"):
         p.add_argument("--model", default=None, help=model_help)
-        p.add_argument("--precision", choices=list(DTYPES), default="fp32",
+        p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                        help="weights/compute precision (default fp32)")
         p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -364,12 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--resolution", type=int, default=None, help="default: from the model's config")
     f.add_argument("--batch-size", type=int, default=1)
-    f.add_argument("--train", choices=["attn2", "attn2-kv", "unet", "lora"], default="attn2")
-    f.add_argument("--loss", choices=["attention", "visual", "both"], default="attention")
+    f.add_argument("--train", choices=TRAIN_SETS, default="attn2")
+    f.add_argument("--loss", choices=LOSSES, default="attention")
     f.add_argument("--visual-weight", type=float, default=1.0)
     f.add_argument("--template", action="append", default=None,
                    help="'object' (default), 'style', or a custom template with {} (repeat for several)")
-    f.add_argument("--n-images", type=int, default=None, help="images generated per concept (default 10; 4 on tiny models)")
+    f.add_argument("--n-images", type=int, default=None,
+                   help="images generated per concept (default 10; 4 on tiny models)")
     f.add_argument("--gen-steps", type=int, default=None, help="inference steps for generated images (default 30)")
     f.add_argument("--include-eos", action="store_true", help="also mark end-of-text slots (authors' use_pooler)")
     f.add_argument("--retain", action="append", default=None,
@@ -389,11 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--inversion", action="store_true", help="concept inversion (textual inversion) first")
     f.add_argument("--inversion-steps", type=int, default=500)
     f.add_argument("--inversion-tokens", type=int, default=4)
-    f.add_argument("--patch-dtype", choices=["fp16", "bf16", "fp32", "int8", "exact"], default="fp16",
-                   help="deltas in fp16/bf16/fp32, int8 deltas with per-row scales (half of fp16), or 'exact' trained tensors")
+    f.add_argument("--patch-dtype", choices=list(PATCH_DTYPES), default="fp16",
+                   help="deltas in fp16/bf16/fp32, int8 deltas with per-row scales (half of fp16), "
+                        "or 'exact' trained tensors")
     f.add_argument("--gradient-checkpointing", action="store_true")
     f.add_argument("--max-grad-norm", type=float, default=None)
-    f.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto",
+    f.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="concept attention: fused Triton kernels (auto on CUDA) or the materialising reference")
     f.set_defaults(func=cmd_forget)
 
@@ -441,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from fmn.trainer import ForgetError
+    from fmn.options import ForgetError
     from fmn.patch import PatchError
     if getattr(args, "quiet", False):
         from diffusers.utils import logging as dlog

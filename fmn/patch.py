@@ -301,6 +301,47 @@ class Patch:
                     w.copy_(t.to(w.dtype))
         return pipe
 
+    @classmethod
+    def from_trained(cls, trained: dict, base: dict | None, *, component: str = "unet",
+                     dtype: torch.dtype | None = torch.float16, lora_scale: float | None = None,
+                     fingerprint: dict, **fields) -> "Patch":
+        """The patch of a finished run: only what changed.
+
+        trained: {name: trained tensor} of the component's parameters (names without the prefix),
+        or with lora_scale given, peft's adapter state dict ("...lora_A.weight", "...lora_B.weight"):
+        alpha is folded into B (the patch loads with alpha == rank) and pairs whose B is still zero
+        are left out. base: {name: base tensor} (None for LoRA); unchanged tensors are left out.
+        dtype: of the stored deltas (None: kind "replace", the trained tensors themselves; int8:
+        quantized deltas with per-row scales). fingerprint: of the base tensors the run could touch,
+        restricted here to those it did. fields: concepts, base_model, options, summary. A run that
+        changed nothing gives a patch without tensors.
+        """
+        prefix, tensors = component + ".", {}
+        if lora_scale is not None:
+            for k, a in trained.items():
+                if ".lora_A." not in k:
+                    continue
+                b = trained[k.replace(".lora_A.", ".lora_B.")] * lora_scale
+                if not b.any():
+                    continue  # B still zero: this layer got no gradient, the pair changes nothing
+                for key, t in ((k, a), (k.replace(".lora_A.", ".lora_B."), b)):
+                    tensors[prefix + key] = t if dtype is None else t.to(dtype)
+            touched = {k.split(".lora_")[0] + ".weight" for k in tensors}
+            kind = "lora"
+        else:
+            for n, t in trained.items():
+                if torch.equal(t, base[n].float()):
+                    continue  # unchanged (no gradient reached it): not part of the patch
+                if dtype is None:
+                    tensors[prefix + n] = t
+                elif dtype == torch.int8:
+                    tensors[prefix + n], tensors[prefix + n + SCALE_SUFFIX] = quantize_delta(t - base[n].float())
+                else:
+                    tensors[prefix + n] = (t - base[n].float()).to(dtype)
+            touched = {k for k in tensors if not k.endswith(SCALE_SUFFIX)}
+            kind = "replace" if dtype is None else "delta"
+        return cls(tensors=tensors, kind=kind, fingerprint=restrict_fingerprint(fingerprint, touched), **fields)
+
 
 def load_patch(path) -> Patch:
     """Reads a patch file (safetensors only)."""

@@ -21,7 +21,7 @@ KINDS = ("sd1", "sd2", "sdxl")
 SAMPLE_SIZE = 8  # latent side; the VAE below halves once, so images are 16 px
 
 
-def _text_config(hidden_size, projection_dim=None):
+def text_config(hidden_size, projection_dim=None):
     extra = {} if projection_dim is None else {"projection_dim": projection_dim}
     return CLIPTextConfig(vocab_size=49408, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                           num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
@@ -75,21 +75,21 @@ def tiny_sd_pipeline(kind="sd1", seed=0):
     vae = _vae()
     if kind == "sd1":
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(_text_config(32))
+        text_encoder = CLIPTextModel(text_config(32))
         return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
                                        unet=unet, scheduler=_scheduler(), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     if kind == "sd2":
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(_text_config(48))
+        text_encoder = CLIPTextModel(text_config(48))
         return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder,
                                        tokenizer=clip_tokenizer(pad_token="!"), unet=unet,
                                        scheduler=_scheduler(), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_text_config(32))
+    text_encoder = CLIPTextModel(text_config(32))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(32, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(32, projection_dim=32))
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"),
                                      unet=unet, scheduler=_scheduler(), add_watermarker=False)

@@ -1,16 +1,19 @@
 """`cross_attention`: input checks and backend choice for fused concept attention."""
-import os
-
 import torch
 
 from .reference import concept_attention_reference
+from .utils import triton_interpreting
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+BACKENDS = ("auto", "triton", "reference")
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def check_backend(backend) -> str:
+    """`backend` if it is one of BACKENDS, else a ValueError naming the choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    return backend
 
 
 def _check_mask(name, mask, batch, keys, device, allow_float):
@@ -79,8 +82,7 @@ def cross_attention(q, k, v, *, scale=None, concept_weights=None, zero_mask=None
         (None when concept_weights is None). Both are differentiable w.r.t. q, k and v.
         Set torch.use_deterministic_algorithms(True) for a bitwise-reproducible backward.
     """
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    check_backend(backend)
     _check_inputs(q, k, v, concept_weights, zero_mask, key_mask)
     if scale is None:
         scale = q.shape[-1] ** -0.5

@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
 fi
-if ! .venv/bin/python -c "import fmn, fmn_kernels, pytest, matplotlib" 2>/dev/null; then
+if ! .venv/bin/python -c "import fmn, fmn_kernels, pytest, matplotlib" 2>/dev/null || [ ! -x .venv/bin/ruff ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test,bench]"
 fi

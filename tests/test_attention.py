@@ -137,17 +137,16 @@ def test_every_processor_branch_matches_attn_processor_2_0(mask_kind, qk_norm):
 def test_standalone_scores_and_zeroing_match_materialising(mask_kind):
     attn, inputs = branchy_attention(None), branchy_inputs(mask_kind)
     mask = concept_mask()
-    fused = fa.FusedCrossAttnProcessor(name="x", backend=REF)
-    fused.concept_weights, fused.recorder = mask, fa.ConceptScores()
+    context = fa.AttentionContext(concept_weights=mask, recorder=fa.ConceptScores())
+    fused = fa.FusedCrossAttnProcessor(name="x", backend=REF, context=context)
     attn.set_processor(fused)
     attn(**inputs)
     oracle = MaterializingCrossAttnProcessor(concept_mask=mask)
     attn.set_processor(oracle)
     attn(**inputs)
-    torch.testing.assert_close(fused.recorder.loss(), oracle.loss(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(context.recorder.loss(), oracle.loss(), rtol=1e-5, atol=1e-7)
 
-    fused = fa.FusedCrossAttnProcessor(backend=REF)
-    fused.zero_mask = mask
+    fused = fa.FusedCrossAttnProcessor(backend=REF, context=fa.AttentionContext(zero_mask=mask))
     attn.set_processor(fused)
     got = attn(**inputs)
     attn.set_processor(MaterializingCrossAttnProcessor(zero_mask=mask))
@@ -230,13 +229,14 @@ def test_install_and_remove_restore_exact_processors(pipes):
         assert isinstance(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.processor,
                           fa.FusedCrossAttnProcessor)
     assert all(processors(pipe.unet)[n] is p for n, p in before.items())
-    # ...and reuses installed processors, putting their settings back.
+    # ...and reuses installed processors, which share one context, putting its settings back.
     with fmn.use_fused_attention(pipe, backend=REF) as handle:
-        installed = handle.processors
+        installed, context = handle.processors, handle.context
+        assert all(p.context is context for p in installed)
         with fmn.concept_scores(pipe, concept_mask()), fa.zero_columns(pipe, concept_mask()):
             assert handle.processors == installed
-            assert all(p.concept_weights is not None and p.zero_mask is not None for p in installed)
-        assert all(p.concept_weights is None and p.zero_mask is None and p.recorder is None for p in installed)
+            assert context.concept_weights is not None and context.zero_mask is not None
+        assert context.concept_weights is None and context.zero_mask is None and context.recorder is None
     assert all(processors(pipe.unet)[n] is p for n, p in before.items())
 
 
@@ -408,3 +408,16 @@ def test_forgetting_loss_keeps_nan_and_is_zero_at_zero():
     loss.backward()
     assert loss.item() == 0 and torch.equal(zero.grad, torch.zeros(3))
     torch.testing.assert_close(fmn.forgetting_loss([torch.tensor([4.0]), torch.tensor([5.0])]), torch.tensor(3.0))
+
+
+def test_recording_through_a_handles_context_equals_concept_scores(unets):
+    """The trainer's way in: set the installed processors' one context, no layer lookup."""
+    unet, inputs, mask = unets["sd1"], unet_inputs("sd1"), concept_mask()
+    with fmn.concept_scores(unet, mask, backend=REF) as expected:
+        unet(**inputs)
+    with fmn.use_fused_attention(unet, backend=REF) as handle:
+        with fa.recording(handle.context, mask) as got:
+            unet(**inputs)
+        assert handle.context.concept_weights is None and handle.context.recorder is None  # put back
+    assert got.layers == expected.layers
+    torch.testing.assert_close(got.loss(), expected.loss(), rtol=0, atol=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import fmn.trainer as F
+from fmn.families import UNetFamily
 from fmn.cli import main
 from fmn.patch import load_patch
 from fmn.testing import save_tiny_pipeline
@@ -232,7 +232,7 @@ def test_nan_loss_exits_1_and_writes_nothing(model, tmp_path, capsys):
 
 def test_interrupt_leaves_no_partial_patch(model, tmp_path, capsys, monkeypatch):
     calls = {"n": 0}
-    real = F._unet_call
+    real = UNetFamily.predict
 
     def interrupted(*a, **k):
         calls["n"] += 1
@@ -240,7 +240,7 @@ def test_interrupt_leaves_no_partial_patch(model, tmp_path, capsys, monkeypatch)
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(F, "_unet_call", interrupted)
+    monkeypatch.setattr(UNetFamily, "predict", interrupted)
     rc, err = run_err(["forget", "--model", model, "--concept", "cat", "--out", str(tmp_path / "p.safetensors"),
                        *FAST, "--steps", "5"], capsys)
     assert rc == 130 and "interrupted" in err

@@ -178,7 +178,8 @@ def test_plain_attention_matches_sdpa_with_key_mask():
     q, k, v = make_inputs(*shape, torch.float32, seed=9)
     key_mask = torch.rand(2, 154, generator=torch.Generator().manual_seed(0)) < 0.7
     out, _ = concept_attention_triton(q, k, v, 0.3, key_mask=key_mask)
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], scale=0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
+                                                                scale=0.3)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 

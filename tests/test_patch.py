@@ -225,3 +225,28 @@ def test_nonfinite_patch_is_not_written(tmp_path):
     with pytest.raises(PatchError, match="not finite"):
         p.save(tmp_path / "p.safetensors")
     assert not os.listdir(tmp_path)
+
+
+def test_from_trained_keeps_only_what_changed_in_every_kind(base):
+    names = ["w.a", "w.b"]
+    saved = {n: torch.randn(4, 3, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(names)}
+    trained = {"w.a": saved["w.a"] + 0.25, "w.b": saved["w.b"].clone()}  # w.b unchanged
+    fp = {"hash": "x", "dtype": "float32", "tensors": {f"unet.{n}": {"shape": [4, 3], "values": []} for n in names}}
+    fields = dict(concepts=["cat"], base_model="m", options={}, summary={})
+    delta = Patch.from_trained(trained, saved, dtype=torch.float16, fingerprint=fp, **fields)
+    assert delta.kind == "delta" and list(delta.tensors) == ["unet.w.a"]
+    assert torch.equal(delta.tensors["unet.w.a"], torch.full((4, 3), 0.25, dtype=torch.float16))
+    assert list(delta.fingerprint["tensors"]) == ["unet.w.a"]  # restricted to what it touches
+    exact = Patch.from_trained(trained, saved, dtype=None, fingerprint=fp, **fields)
+    assert exact.kind == "replace" and torch.equal(exact.tensors["unet.w.a"], trained["w.a"])
+    int8 = Patch.from_trained(trained, saved, dtype=torch.int8, fingerprint=fp, **fields)
+    assert set(int8.tensors) == {"unet.w.a", "unet.w.a.delta_scale"} and int8.tensors["unet.w.a"].dtype == torch.int8
+    lora = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2),
+            "n.lora_A.weight": torch.ones(2, 3), "n.lora_B.weight": torch.zeros(4, 2)}  # n got no gradient
+    fp_l = {"hash": "x", "dtype": "float32",
+            "tensors": {f"unet.{m}.weight": {"shape": [4, 3], "values": [0.0]} for m in "mn"}}
+    lp = Patch.from_trained(lora, None, dtype=None, lora_scale=0.5, fingerprint=fp_l, **fields)
+    assert lp.kind == "lora" and set(lp.tensors) == {"unet.m.lora_A.weight", "unet.m.lora_B.weight"}
+    assert torch.equal(lp.tensors["unet.m.lora_B.weight"], torch.full((4, 2), 0.5))  # alpha folded into B
+    assert list(lp.fingerprint["tensors"]) == ["unet.m.weight"]
+    assert not Patch.from_trained({"w.b": saved["w.b"]}, saved, fingerprint=fp, **fields).tensors

@@ -123,13 +123,13 @@ def test_base_model_draws_the_asked_shape_and_colour(pipe):
 
 
 def test_prune_vocabulary_keeps_every_caption_encoding_bit_identical():
-    from fmn.testing import _text_config
+    from fmn.testing import text_config
     from fmn.tokenizer import clip_tokenizer
     from fmn.toy.model import prune_vocabulary
     from transformers import CLIPTextModel
     torch.manual_seed(0)
     full_tok = clip_tokenizer()
-    full = CLIPTextModel(_text_config(32)).eval()
+    full = CLIPTextModel(text_config(32)).eval()
     tok, small = prune_vocabulary(full_tok, full, data.vocabulary())
     assert len(tok) == small.config.vocab_size < 600 and small.config.eos_token_id == tok.eos_token_id
     caps = [""] + data.all_captions()

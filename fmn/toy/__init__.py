@@ -13,12 +13,11 @@ from __future__ import annotations
 from importlib import resources
 
 from fmn.toy.data import COLORS, SHAPES  # noqa: F401
-from fmn.toy.evaluate import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SPLITS, PromptSpec, concept_grid,  # noqa: F401
-                              evaluate, evaluate_split, generate, prompt_set, relative_to, save_grid, score,
-                              slot_control)
+from fmn.toy.evaluate import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SPLITS, PromptSpec, evaluate,  # noqa: F401
+                              evaluate_split, generate, prompt_set, relative_to, save_grid, score, slot_control)
 
 __all__ = ["SHAPES", "COLORS", "default_model_path", "load_default_pipeline", "load_classifier", "evaluate",
-           "evaluate_split", "SPLITS", "generate", "score", "prompt_set", "PromptSpec", "save_grid", "concept_grid", "relative_to",
+           "evaluate_split", "SPLITS", "generate", "score", "prompt_set", "PromptSpec", "save_grid", "relative_to",
            "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "slot_control"]
 
 

@@ -17,8 +17,8 @@ anchor (4 seeds, UA / in-domain / cross-domain retain of base, ~25 s at 1 thread
 1.00; circle+square 200 steps 0.93 / 1.00 / 1.00 (100 steps: 0.78). Anchor weight 4 / 16 / 32 on circle
 (2 seeds): UA 0.8 / 0.9 / 1.0; the latents noised for the anchor term taken from the concept's own
 images instead of the anchor's: UA 0.8-1.0 but hearts drift (IRA 0.90-0.93). "shape" ("a red shape",
-the toy's colour-only caption) as the anchor: UA 0.6-0.7 (it draws circles too). For colours the anchor is the next colour
-(red -> green), with the colours' own caption forms as templates ("a {} circle", ..., "{}") and the
+the toy's colour-only caption) as the anchor: UA 0.6-0.7 (it draws circles too). For colours the anchor is
+the next colour (red -> green), with the colours' own caption forms as templates ("a {} circle", ..., "{}") and the
 other colours retained by name (so "a green circle", ...), 200 steps per colour: "red" (4 seeds) UA 1.0
 at 1.00 / 1.00 (~34 s at 2 threads; 100 steps: UA 0.85); "blue" (-> yellow) UA 1.0 at 0.80 / 0.97
 (purple and green drift). Retaining "green shape", ... in these templates ("a green shape circle")
@@ -40,7 +40,8 @@ The sweep before the anchor (150 steps, lr 1e-3, 2 seeds x 25 prompts):
   0.78 / 0.96 vs 0.5 at 0.72 / 0.98); colours did worse with them ("red" UA 0.4, retain 0.55 vs
   1.0 / 0.78);
 - retain weight 4 / 8 / 16 (with the retained shapes' own images): circle UA 0.9 / 1.0 / 0.6,
-  heart 1.0 / 1.0 / 1.0, star 1.0 / 0.9 / 0.7; in-domain retain 0.82-1.00 / 0.78-1.00 / 0.80-1.00; weight 8 held the retains best overall
+  heart 1.0 / 1.0 / 1.0, star 1.0 / 0.9 / 0.7; in-domain retain 0.82-1.00 / 0.78-1.00 / 0.80-1.00; weight 8
+  held the retains best overall
   (circle 0.95 / 1.00, heart 0.95 / 1.00, star 0.78 / 0.96, triangle 1.00 / 0.98). Batch 2 or 200
   steps did not help (circle UA 0.7 with either), and results move by +-0.3 UA between such nearby
   settings: which shape a prompt falls back to once its word is not read is partly chance (the

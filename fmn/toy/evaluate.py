@@ -146,7 +146,6 @@ def relative_to(metrics: dict, base: dict) -> dict:
     for key, base_key in (("retain_shape_acc", "retain_shape_acc"), ("retain_color_acc", "retain_color_acc")):
         if metrics.get(key) is not None and base.get(base_key):
             out[key + "_rel"] = metrics[key] / base[base_key]
-    fs, fc = _concepts(metrics.get("forgotten"))
     if metrics.get("in_domain_retain") is not None and base.get("in_domain_retain"):
         out["in_domain_retain_rel"] = metrics["in_domain_retain"] / base["in_domain_retain"]
     if metrics.get("cross_domain_retain") is not None and base.get("cross_domain_retain"):
@@ -255,15 +254,16 @@ def slot_control(pipe, classifier=None, seeds: Iterable[int] = (0, 1), color: st
     A model that reads the prompt's words, as SD 1.x/2.x do, scores word ~1 and end ~0; token-level
     forgetting (fmn's attention loss) can only work on such a model.
     """
+    from fmn.families import family_for
     from fmn.spans import concept_token_mask
-    from fmn.trainer import encode_text
 
     if classifier is None:
         from fmn.toy.classifier import load_classifier
         classifier = load_classifier()
     tok = pipe.tokenizer
     prompts = [f"a {color} {s}" for s in SHAPES]
-    enc = encode_text(pipe, prompts)[0]
+    encode = family_for(pipe).encode_prompts
+    enc = encode(prompts)[0]
     words = concept_token_mask(tok, prompts, [[s] for s in SHAPES])
     if not (words.sum(1) == 1).all() or not (words == words[0]).all():
         raise ValueError(f"the shapes {SHAPES} are not single tokens at the same place in {prompts}")
@@ -283,7 +283,7 @@ def slot_control(pipe, classifier=None, seeds: Iterable[int] = (0, 1), color: st
             kinds += ["word", "end"]
     seeds = list(seeds)
     n = len(embeds) * len(seeds)
-    neg = encode_text(pipe, [""])[0]
+    neg = encode([""])[0]
     gens = [torch.Generator(device="cpu").manual_seed(int(sd)) for _ in embeds for sd in seeds]
     img = pipe(prompt_embeds=torch.stack(embeds).repeat_interleave(len(seeds), 0),
                negative_prompt_embeds=neg.expand(n, -1, -1), generator=gens,
@@ -330,18 +330,3 @@ def save_grid(path, panels: dict, ncols: int = 5, scale: int = 2, pad: int = 2, 
             canvas.paste(tile, (x0 + pad + c * cw, title_height + pad + r * ch))
     canvas.save(path)
     return path
-
-
-def concept_grid(pipe, other=None, seed: int = 0, forgotten=None, path=None, negative_prompt=None,
-                 titles=("base", "forgotten"), **kw):
-    """Base vs other pipeline (or the same pipeline with a negative prompt) on the 5 x 5 prompt set, one seed."""
-    specs = prompt_set()
-    a, _ = generate(pipe, specs, [seed], **kw)
-    if other is None and negative_prompt is None:
-        panels = {titles[0]: a}
-    else:
-        b, _ = generate(other if other is not None else pipe, specs, [seed], negative_prompt=negative_prompt, **kw)
-        panels = {titles[0]: a, titles[1]: b}
-    if path is not None:
-        save_grid(path, panels)
-    return panels

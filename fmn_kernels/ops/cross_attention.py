@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..api import triton_interpreting
+from ..utils import triton_interpreting
 
 LOG2E = 1.4426950408889634
 

@@ -2,14 +2,17 @@
 held-out prompts, every trainable set / loss / option runs, the pipeline is restored, bad input
 is refused."""
 import copy
+import hashlib
 
 import pytest
 import torch
 from PIL import Image
 
-import fmn.trainer as F
+import fmn.references as references
 from fmn.attention import FusedCrossAttnProcessor, concept_scores
-from fmn.trainer import ForgetError, encode_text, forget
+from fmn.families import UNetFamily, family_for
+from fmn.options import ForgetError
+from fmn.trainer import forget
 from fmn.spans import concept_token_mask
 from fmn.testing import tiny_sd_pipeline
 
@@ -49,7 +52,7 @@ def held_out_score(pipe, prompts, concept, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(prompts), 4, 8, 8, generator=g)
     t = torch.linspace(100, 900, len(prompts)).long()
-    emb, _ = encode_text(pipe, prompts)
+    emb, _ = family_for(pipe).encode_prompts(prompts)
     mask = concept_token_mask(pipe.tokenizer, prompts, [concept])
     with torch.no_grad(), concept_scores(pipe.unet, mask, backend="reference") as rec:
         out = pipe.unet(x, t, encoder_hidden_states=emb).sample
@@ -199,14 +202,14 @@ def test_visual_and_both_losses_run(sd1, loss):
 def test_visual_targets_come_from_suppressed_generation(sd1, monkeypatch):
     """The x~0 targets are generated with the same seeds under fmn.attention.suppress."""
     calls = []
-    real = F._generate
+    real = references.generate_latents
 
     def spy(pipe, prompts, seeds, resolution, opts, device, suppressed=None):
         out = real(pipe, prompts, seeds, resolution, opts, device, suppressed)
         calls.append((list(seeds), suppressed, out))
         return out
 
-    monkeypatch.setattr(F, "_generate", spy)
+    monkeypatch.setattr(references, "generate_latents", spy)
     forget(copy.deepcopy(sd1), "cat", loss="visual", n_images=2, **FAST)
     assert [(s, z) for s, z, _ in calls] == [([0, 1], None), ([0, 1], ["cat"])]
     assert not torch.allclose(calls[0][2], calls[1][2])  # zeroing the concept changes the images
@@ -234,8 +237,9 @@ def test_several_concepts_and_the_fused_kernel(sd1):
 
 def test_style_and_custom_templates(sd1, monkeypatch):
     seen = []
-    real = F.encode_text
-    monkeypatch.setattr(F, "encode_text", lambda pipe, prompts, parts=None: (seen.append(prompts), real(pipe, prompts, parts))[1])
+    real = UNetFamily.encode_prompts
+    monkeypatch.setattr(UNetFamily, "encode_prompts",
+                        lambda self, prompts, parts=None: (seen.append(prompts), real(self, prompts, parts))[1])
     forget(copy.deepcopy(sd1), "van gogh", images=latents(), template="style", **FAST)
     forget(copy.deepcopy(sd1), "cat", images=latents(), template=["{} on a beach", "a {} sleeping"], **FAST)
     assert seen == [["a photo in the style of van gogh"], ["cat on a beach", "a cat sleeping"]]
@@ -281,8 +285,8 @@ def test_inplace_keeps_trained_weights(sd1):
     patch = forget(pipe, "cat", images=latents(), inplace=True, patch_dtype="exact", **FAST)
     params = dict(pipe.unet.named_parameters())
     assert all(torch.equal(params[k[5:]], v) for k, v in patch.tensors.items())
-    assert all(isinstance(m.processor, type(sd1.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.processor))
-               for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
+    plain = type(sd1.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.processor)
+    assert all(isinstance(m.processor, plain) for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
     assert not any(isinstance(m.processor, FusedCrossAttnProcessor)
                    for n, m in pipe.unet.named_modules() if hasattr(m, "processor"))
 
@@ -344,7 +348,7 @@ def test_interrupt_restores_the_pipeline(sd1, monkeypatch, train):
     pipe = copy.deepcopy(sd1)
     before = state(pipe)
     calls = {"n": 0}
-    real = F._unet_call
+    real = UNetFamily.predict
 
     def interrupted(*a, **k):
         calls["n"] += 1
@@ -352,7 +356,7 @@ def test_interrupt_restores_the_pipeline(sd1, monkeypatch, train):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(F, "_unet_call", interrupted)
+    monkeypatch.setattr(UNetFamily, "predict", interrupted)
     with pytest.raises(KeyboardInterrupt):
         forget(pipe, "cat", images=latents(), train=train, **{**FAST, "steps": 5})
     assert_restored(pipe, before)
@@ -361,8 +365,37 @@ def test_interrupt_restores_the_pipeline(sd1, monkeypatch, train):
 def test_public_api_names(sd1):
     """fmn.forget is the function, also after the trainer module is imported."""
     import fmn
-    import fmn.trainer  # noqa: F401
+    import fmn.trainer  # noqa: F401 (the module's import must not shadow fmn.forget)
     for _ in range(2):
         patch = fmn.forget(copy.deepcopy(sd1), "cat", images=latents(), **{**FAST, "steps": 1})
         assert isinstance(patch, fmn.Patch)
     assert fmn.load_patch is not None and callable(fmn.apply)
+
+
+def patch_sha256(patch) -> str:
+    """sha256 over the patch's tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(patch.tensors):
+        t = patch.tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(f"{t.dtype}{list(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# sha256 of the patch of the short toy run below, recorded on the trainer before its split into
+# modules (commit ed6c2e5, 1 torch thread, reference backend); the refactor must not move one bit.
+TOY_SHORT_RUN_SHA256 = "7f61ff878dd703dfcb36b4214ea837896af8e68b68b84a4e3be2fa927fe0a4bb"
+
+
+def test_short_toy_run_is_bit_identical_to_the_pinned_patch():
+    """The toy main job's code path (anchor, retain term, caption-form templates), 3 steps.
+    The figure is CPU-specific: another CPU family may round convolutions differently."""
+    from fmn.toy import load_default_pipeline
+    from fmn.toy.defaults import forget_defaults
+    opts = forget_defaults("circle")
+    opts.update(steps=3, n_images=2, gen_steps=3, retain_samples=4, progress=False, backend="reference")
+    assert torch.get_num_threads() == 1  # tests/conftest.py
+    patch = forget(load_default_pipeline(), ["circle"], **opts)
+    assert patch.kind == "delta" and len(patch.tensors) == 35
+    assert patch_sha256(patch) == TOY_SHORT_RUN_SHA256
