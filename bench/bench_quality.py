@@ -102,8 +102,8 @@ def run_all(args):
     torch.set_num_threads(args.threads)
     base = load_default_pipeline(path=args.model)
     classifier = load_classifier()
-    from fmn.trainer import _accelerator
-    _accelerator()
+    from fmn.runtime import accelerator
+    accelerator()
     methods = args.methods or ALL_METHODS
     # the base model's images, scored anew per task; without "base" among the methods (a part run in parallel
     # with one that has it) the retains relative to base are filled in by --merge
@@ -215,18 +215,18 @@ def main():
     parser.add_argument("--out", type=Path, default=RESULTS / "quality_cpu.json")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is best when other jobs run)")
     parser.add_argument("--all", action="store_true",
-                        help="every concept alone and 4 multi-concept tasks on --split, fmn's defaults vs the baselines "
-                             "(default --out quality_all_cpu.json)")
+                        help="every concept alone and 4 multi-concept tasks on --split, fmn's defaults vs the "
+                             "baselines (default --out quality_all_cpu.json)")
     parser.add_argument("--split", default="held-out", choices=list(SPLITS))
     parser.add_argument("--forget-seed", type=int, default=1, help="--all: seed of fmn's and ESD-x's runs")
     parser.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS, help="--all: a subset")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, help="merge --all parts into --out, plot")
     args = parser.parse_args()
+    if (args.merge or args.all) and args.out == RESULTS / "quality_cpu.json":
+        args.out = RESULTS / "quality_all_cpu.json"
     if args.merge:
-        return merge_all(args.merge, args.out if args.out != RESULTS / "quality_cpu.json" else RESULTS / "quality_all_cpu.json")
+        return merge_all(args.merge, args.out)
     if args.all:
-        if args.out == RESULTS / "quality_cpu.json":
-            args.out = RESULTS / "quality_all_cpu.json"
         run_all(args)
         return
     torch.set_num_threads(args.threads)

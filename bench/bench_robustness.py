@@ -55,8 +55,8 @@ def main():
     torch.set_num_threads(1)
     base = load_default_pipeline()
     classifier = load_classifier()
-    from fmn.trainer import _accelerator
-    _accelerator()
+    from fmn.runtime import accelerator
+    accelerator()
     rows, base_eval = [], {}
     for concept in args.concepts:
         base_sim = None

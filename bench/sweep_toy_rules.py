@@ -31,7 +31,8 @@ RULES = {
     "wide-retain": {"retain_samples": 128, "retain_weight": 16.0},
     "own-images": {"retain_samples": 128, "retain_weight": 16.0, "retain_images": 4},
 }
-KEEP = ("ua", "shape_acc", "color_acc", "in_domain_retain", "cross_domain_retain", "per_shape", "per_color", "per_concept", "n_images")
+KEEP = ("ua", "shape_acc", "color_acc", "in_domain_retain", "cross_domain_retain", "per_shape", "per_color",
+        "per_concept", "n_images")
 
 
 def record(m):
@@ -87,7 +88,8 @@ def summary(path, split):
         m, c = x["metrics"], x["concept"]
         dom = "shape" if c in SHAPES else "color"
         # in-domain / cross-domain retain relative to the base model's on the same images
-        per, other = (base["per_shape"], base["color_acc"]) if dom == "shape" else (base["per_color"], base["shape_acc"])
+        shape = dom == "shape"
+        per, other = (base["per_shape"], base["color_acc"]) if shape else (base["per_color"], base["shape_acc"])
         bi = sum(v for k, v in per.items() if k != c) / (len(per) - 1)
         by_rule.setdefault(x["rule"], []).append((c, m["ua"], m["in_domain_retain"] / bi,
                                                   m["cross_domain_retain"] / other))

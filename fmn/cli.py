@@ -333,7 +333,8 @@ def cmd_eval(a):
         results["patched"].update(relative_to(after, base))
         if a.robustness:
             from fmn.toy.robustness import report
-            results["robustness"] = report(base_pipe, pipe, a.forget, classifier, steps=a.inversion_steps)
+            results["robustness"] = report(base_pipe, pipe, a.forget, classifier, steps=a.inversion_steps,
+                                           num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
     atomic_write(a.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=str)), force=a.force)
     if a.grid:
         first = slice(0, None, len(seeds))  # one image per prompt: rows = shapes, columns = colours

@@ -142,7 +142,8 @@ def embedding_similarity(pipe_with_token, concept: str, token: str = TOKEN) -> f
     pos = int(torch.nonzero(ids[0] == tok.convert_tokens_to_ids(token))[0])
     word_ids = _token_ids(tok, probe_prompts(concept, concept), device)
     if not bool((word_ids[:, pos] == tok.convert_tokens_to_ids(concept + "</w>")).all()):
-        raise ValueError(f"{concept!r} is not one token at the probe token's place in {probe_prompts(concept, concept)}")
+        raise ValueError(f"{concept!r} is not one token at the probe token's place in "
+                         f"{probe_prompts(concept, concept)}")
     return float(F.cosine_similarity(word[:, pos], inv[:, pos], dim=-1).mean())
 
 
@@ -192,9 +193,10 @@ def attack(patched, concept: str, classifier=None, steps: int = INVERSION_STEPS,
 
 
 def report(base, patched, concepts, classifier=None, steps: int = INVERSION_STEPS, lr: float = INVERSION_LR,
-           seeds=ATTACK_SEEDS) -> dict:
+           seeds=ATTACK_SEEDS, **gen_kw) -> dict:
     """Per concept: the Memorization Score (base, patched, change) and the inversion attack's success on the
-    patched model and, for reference, on the base model (same budget): {concept: {...}}."""
+    patched model and, for reference, on the base model (same budget): {concept: {...}}. gen_kw: sampling
+    settings of the attack's images (fmn.toy.evaluate.generate)."""
     if classifier is None:
         from fmn.toy.classifier import load_classifier
         classifier = load_classifier()
@@ -205,8 +207,8 @@ def report(base, patched, concepts, classifier=None, steps: int = INVERSION_STEP
         ms_base = embedding_similarity(on_base["pipe"], c)
         ms_patched = embedding_similarity(on_patched["pipe"], c)
         out[c] = {"memorization_score": {"base": ms_base, "patched": ms_patched, "change": ms_patched - ms_base},
-                  "attack_success": shown_rate(on_patched["pipe"], c, classifier, seeds),
-                  "attack_success_on_base": shown_rate(on_base["pipe"], c, classifier, seeds),
+                  "attack_success": shown_rate(on_patched["pipe"], c, classifier, seeds, **gen_kw),
+                  "attack_success_on_base": shown_rate(on_base["pipe"], c, classifier, seeds, **gen_kw),
                   "inversion_steps": steps, "inversion_lr": lr, "probe_images": PROBE_IMAGES,
                   "attack_images": 5 * len(list(seeds))}
     return out
