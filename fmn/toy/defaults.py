@@ -14,9 +14,10 @@ with "a {c} {s}" and seed 11 with "a photo of a {c} {s}", forgetting seed 0; hel
 "a {s} in {c}" and seed 21 with "{c} {s}", forgetting seed 1 (bench_quality.py --all). Candidate rules on the
 tuning split (bench/sweep_toy_rules.py, bench/results/sweep_toy_rules.jsonl; UA / in-domain / cross-domain
 retain of base): the retain term on 128 cached samples instead of 32 at weight 16 instead of 8
-("wide-retain"): heart 0.90 / 1.00 / 1.00; the same with 4 images of each retained shape's own
-("own-images"): heart 0.80 / 1.00 / 1.00. Both hold the other shapes and lose forgetting (the rule
-below, on held-out heart: 0.90 / 0.95 / 0.98), so the rule stays as it is. The sweep was cut short: on the
+("wide-retain"): heart 0.90 / 1.00 / 1.00, blue 1.00 / 0.88 / 1.00; the same with 4 images of each
+retained concept's own ("own-images"): heart 0.80 / 1.00 / 1.00, blue 0.50 / 0.95 / 1.00. More retain holds
+the other concepts and forgets less, and neither meets the bar on both (the rule below, on held-out heart:
+0.90 / 0.95 / 0.98), so the rule stays as it is. The sweep was cut short: on the
 shared machine (load 18-27 on 2 cores) one forgetting run plus its 50-image evaluation took ~40 min
 instead of ~1 min, so no candidate was measured on more than two concepts; see the README for what the
 held-out table holds so far.
