@@ -16,6 +16,15 @@ unet, lora) with the defaults' other options.
 Writes bench/results/quality_cpu.json, a table, and quality_<task>.png grids (base | each method).
 
     python bench/bench_quality.py [--quick] [--seeds 4] [--tasks circle circle+square red]
+
+--all: every one of the 5 shapes and 5 colours alone, and circle+square, red+blue, triangle+star+heart,
+green+yellow+purple, on the held-out split (fmn.toy.evaluate.SPLITS: seeds and caption forms that
+fmn/toy/defaults.py was not tuned on; forgetting seed 1, the tuning used 0), fmn's defaults vs negative
+prompt, suppress and ESD-x; min and mean per method; quality_all_cpu.json + .png. Parts can run in
+parallel (--tasks/--methods/--out) and be joined with --merge PART.json ... (--out: the joined file).
+
+    python bench/bench_quality.py --all [--tasks ...] [--methods ...] [--out part.json]
+    python bench/bench_quality.py --merge part1.json part2.json
 """
 import argparse
 import copy
@@ -30,7 +39,8 @@ from common import RESULTS, machine_info, print_table, write_json_atomic  # noqa
 
 import fmn  # noqa: E402
 from fmn.baselines import esd  # noqa: E402
-from fmn.toy import COLORS, SHAPES, evaluate, load_classifier, load_default_pipeline, prompt_set, relative_to, save_grid  # noqa: E402
+from fmn.toy import (COLORS, SHAPES, SPLITS, evaluate, evaluate_split, load_classifier, load_default_pipeline,  # noqa: E402
+                     prompt_set, relative_to, save_grid, score)
 from fmn.toy.defaults import FORGET_DEFAULTS, forget_defaults  # noqa: E402
 
 FMN_VARIANTS = ["fmn attention / attn2", "fmn attention / attn2, no anchor",
@@ -47,7 +57,7 @@ def methods(quick, first_task, anchored):
     return names + [n for n in fmn_names if anchored or "no anchor" not in n]
 
 
-def make_model(name, base, concepts, esd_lr, lora_lr):
+def make_model(name, base, concepts, esd_lr, lora_lr, seed=0):
     """(pipeline to evaluate, extra evaluate() kwargs, context manager, training seconds)."""
     from contextlib import nullcontext
     if name == "base":
@@ -59,7 +69,7 @@ def make_model(name, base, concepts, esd_lr, lora_lr):
     pipe = copy.deepcopy(base)
     start = time.perf_counter()
     drops = name.split(", ")[1:]
-    opts = forget_defaults(concepts, anchor="no anchor" not in drops and name != "esd-x")
+    opts = dict(forget_defaults(concepts, anchor="no anchor" not in drops and name != "esd-x"), seed=seed)
     if name == "esd-x":
         # ESD's prompts name the concept alone (its paper: the concept's name): the templates that name no
         # other shape or colour (ESD on "a red {}" learns to steer away from red too: CRA 0.0 on "circle");
@@ -68,10 +78,10 @@ def make_model(name, base, concepts, esd_lr, lora_lr):
         n = opts["n_images"]
         prompts = [t.format(c) for c in concepts for t in tpl]
         gen_prompts = [tpl[i % len(tpl)].format(c) for c in concepts for i in range(n)]
-        gens = [torch.Generator().manual_seed(s) for s in range(len(gen_prompts))]
+        gens = [torch.Generator().manual_seed(seed + s) for s in range(len(gen_prompts))]
         latents = pipe(prompt=gen_prompts, generator=gens, output_type="latent", num_inference_steps=opts["gen_steps"],
                        guidance_scale=opts["guidance_scale"]).images
-        esd(pipe, concepts, latents, prompts=prompts, steps=opts["steps"], lr=esd_lr, train="attn2")
+        esd(pipe, concepts, latents, prompts=prompts, steps=opts["steps"], lr=esd_lr, train="attn2", seed=seed)
     else:
         loss, train = name.removeprefix("fmn ").split(", ")[0].split(" / ")
         kw = dict(opts, lr=lora_lr) if train == "lora" else dict(opts)
@@ -79,6 +89,116 @@ def make_model(name, base, concepts, esd_lr, lora_lr):
             kw.pop("retain", None)  # with "no anchor": the paper's method as is
         fmn.forget(pipe, concepts, loss=loss, train=train, inplace=True, progress=False, **kw)
     return pipe, {}, nullcontext(), time.perf_counter() - start
+
+
+ALL_TASKS = list(SHAPES) + list(COLORS) + ["circle+square", "red+blue", "triangle+star+heart", "green+yellow+purple"]
+ALL_METHODS = ["base", "negative prompt", "suppress", "esd-x", "fmn attention / attn2"]
+COLUMNS = ["task", "method", "UA", "IRA", "CRA", "IRA_rel", "CRA_rel", "train_s", "eval_s"]
+
+
+def run_all(args):
+    """--all: every concept alone and four multi-concept tasks on the held-out split (seeds and caption forms
+    the defaults were not tuned on; forgetting seed --forget-seed), rows written to --out as they come."""
+    torch.set_num_threads(args.threads)
+    base = load_default_pipeline(path=args.model)
+    classifier = load_classifier()
+    from fmn.runtime import accelerator
+    accelerator()
+    methods = args.methods or ALL_METHODS
+    # the base model's images, scored anew per task; without "base" among the methods (a part run in parallel
+    # with one that has it) the retains relative to base are filled in by --merge
+    ref = evaluate_split(base, args.split, classifier=classifier, return_images=True) if "base" in methods else None
+    tasks = [t.split("+") for t in (args.tasks or ALL_TASKS)]
+    rows = []
+    for concepts in tasks:
+        base_m = ref and score(ref["specs"], ref["predictions"]["shape"], ref["predictions"]["color"], concepts)
+        for name in methods:
+            torch.manual_seed(0)
+            if name == "base":
+                m, train_s = dict(base_m, seconds=ref["seconds"]), 0.0
+            else:
+                pipe, eval_kw, context, train_s = make_model(name, base, concepts, args.esd_lr, args.lora_lr,
+                                                             seed=args.forget_seed)
+                with context:
+                    m = evaluate_split(pipe, args.split, forgotten=concepts, classifier=classifier, **eval_kw)
+            rel = relative_to(m, base_m) if base_m else {}
+            rows.append({"task": "+".join(concepts), "method": "fmn" if name == ALL_METHODS[-1] else name,
+                         "UA": m["ua"], "IRA": m["in_domain_retain"], "CRA": m["cross_domain_retain"],
+                         "IRA_rel": rel.get("in_domain_retain_rel"), "CRA_rel": rel.get("cross_domain_retain_rel"),
+                         "train_s": train_s, "eval_s": m["seconds"], "n_images": m["n_images"],
+                         "per_concept": m["per_concept"]})
+            print_table(rows[-1:], COLUMNS)
+            write_json_atomic(args.out, all_payload(args, rows))
+    return rows
+
+
+def all_payload(args, rows):
+    return {"benchmark": "forgetting quality on the built-in toy model, every concept, held-out split",
+            "machine": machine_info(), "split": args.split, "groups": [[f, list(s)] for f, s in SPLITS[args.split]],
+            "forget_seed": args.forget_seed, "forget_options": {t: forget_defaults(t.split("+")) for t in ALL_TASKS},
+            "esd_lr": args.esd_lr, "rows": rows, "summary": summarise(rows)}
+
+
+def summarise(rows):
+    """Per method: min and mean of UA and the retains relative to base, over the single concepts and over
+    the multi-concept tasks."""
+    out = []
+    for kind, pick in (("single", lambda t: "+" not in t), ("multi", lambda t: "+" in t)):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            sel = [r for r in rows if r["method"] == method and pick(r["task"])]
+            if not sel:
+                continue
+            for stat, fn in (("min", min), ("mean", lambda v: sum(v) / len(v))):
+                vals = {k: [r[k] for r in sel if r.get(k) is not None] for k in ("UA", "IRA", "CRA", "IRA_rel",
+                                                                                  "CRA_rel", "train_s")}
+                out.append({"task": f"{stat} ({kind}, {len(sel)})", "method": method,
+                            **{k: fn(v) if v else None for k, v in vals.items()}})
+    return out
+
+
+def merge_all(paths, out):
+    """Rows of several --all runs (parallel parts) into one file, with the summary and the plot."""
+    import json
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for part in parts for r in part["rows"]]
+    order = {t: i for i, t in enumerate(ALL_TASKS)}
+    methods = ["base", "negative prompt", "suppress", "esd-x", "fmn"]
+    rows.sort(key=lambda r: (order.get(r["task"], 99), methods.index(r["method"]) if r["method"] in methods else 9))
+    base = {r["task"]: r for r in rows if r["method"] == "base"}
+    for r in rows:
+        b = base.get(r["task"])
+        if r.get("IRA_rel") is None and b and r["IRA"] is not None and b["IRA"]:
+            r["IRA_rel"], r["CRA_rel"] = r["IRA"] / b["IRA"], r["CRA"] / b["CRA"]
+    payload = dict(parts[0], rows=rows, summary=summarise(rows), machine=[p["machine"] for p in parts])
+    write_json_atomic(out, payload)
+    print_table(rows + payload["summary"], COLUMNS)
+    plot_all(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def plot_all(rows, path):
+    """UA, in-domain and cross-domain retain (of base) per task, one bar per method, the 0.95 bar drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "base"]
+    fig, axes = plt.subplots(3, 1, figsize=(14, 9), sharex=True)
+    width = 0.8 / max(1, len(methods))
+    for ax, key, label in zip(axes, ("UA", "IRA_rel", "CRA_rel"), ("UA", "in-domain retain / base",
+                                                                  "cross-domain retain / base")):
+        for k, method in enumerate(methods):
+            vals = {r["task"]: r[key] for r in rows if r["method"] == method}
+            ax.bar([i + k * width for i in range(len(tasks))], [vals.get(t) or 0 for t in tasks], width, label=method)
+        ax.axhline(0.95, color="k", lw=0.8, ls="--")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1.05)
+    axes[0].legend(ncol=len(methods), fontsize=8, loc="lower left")
+    axes[-1].set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks, rotation=30, ha="right")
+    fig.suptitle("toy model, held-out seeds and caption forms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main():
@@ -94,7 +214,21 @@ def main():
     parser.add_argument("--lora-lr", type=float, default=1e-2, help="learning rate of the fmn LoRA variant")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality_cpu.json")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is best when other jobs run)")
+    parser.add_argument("--all", action="store_true",
+                        help="every concept alone and 4 multi-concept tasks on --split, fmn's defaults vs the "
+                             "baselines (default --out quality_all_cpu.json)")
+    parser.add_argument("--split", default="held-out", choices=list(SPLITS))
+    parser.add_argument("--forget-seed", type=int, default=1, help="--all: seed of fmn's and ESD-x's runs")
+    parser.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS, help="--all: a subset")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, help="merge --all parts into --out, plot")
     args = parser.parse_args()
+    if (args.merge or args.all) and args.out == RESULTS / "quality_cpu.json":
+        args.out = RESULTS / "quality_all_cpu.json"
+    if args.merge:
+        return merge_all(args.merge, args.out)
+    if args.all:
+        run_all(args)
+        return
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds or (2 if args.quick else 4)))
     tasks = [t.split("+") for t in (args.tasks or (["circle"] if args.quick else ["circle", "circle+square", "red"]))]

@@ -290,7 +290,10 @@ def cmd_generate(a):
 
 def cmd_eval(a):
     """Forgetting metrics on a toy-model-family pipeline (the built-in one by default), with or
-    without a patch: UA, in-domain and cross-domain retain accuracy, and the base's for reference."""
+    without a patch: UA, in-domain and cross-domain retain accuracy, and the base's for reference;
+    with --robustness also the Memorization Score and an inversion attack's success rate."""
+    import copy
+
     import torch
     from fmn.outputs import commit
     from fmn.patch import load_patch
@@ -299,6 +302,13 @@ def cmd_eval(a):
     for c in a.forget:
         if c not in SHAPES + COLORS:
             raise CLIError(f"--forget {c!r}: fmn eval scores the toy model's shapes {SHAPES} and colours {COLORS}")
+    if a.robustness and not a.patch:
+        raise CLIError("--robustness compares the base and the patched model: give --patch")
+    if a.inversion_steps is None:
+        from fmn.toy.robustness import INVERSION_STEPS
+        a.inversion_steps = INVERSION_STEPS
+    if a.inversion_steps < 1:
+        raise CLIError(f"--inversion-steps must be >= 1, got {a.inversion_steps}")
     _outputs(a, "out", "grid")
     patch = load_patch(a.patch) if a.patch else None
     pipe = load_pipeline(a.model, a.precision, device=a.device)
@@ -318,12 +328,17 @@ def cmd_eval(a):
     panels = {"base": base.pop("images", None)}
     results["base"] = {k: v for k, v in base.items() if k not in ("specs", "predictions")}
     if patch is not None:
+        base_pipe = copy.deepcopy(pipe) if a.robustness else None
         patch.apply(pipe, check=False)
         pipe.set_progress_bar_config(disable=a.quiet, desc="eval: patched", leave=False)
         after = evaluate(pipe, **kw)
         panels["patched"] = after.pop("images", None)
         results["patched"] = {k: v for k, v in after.items() if k not in ("specs", "predictions")}
         results["patched"].update(relative_to(after, base))
+        if a.robustness:
+            from fmn.toy.robustness import report
+            results["robustness"] = report(base_pipe, pipe, a.forget, classifier, steps=a.inversion_steps,
+                                           num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
     outputs = [(a.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=str)), False)]
     if a.grid:
         outputs.append((a.grid, _write_png(_eval_grid(panels, len(seeds))), False))
@@ -335,6 +350,11 @@ def cmd_eval(a):
                 print(f"{name:8s} UA {r.get('ua')}  in-domain retain {r.get('in_domain_retain')}  "
                       f"cross-domain retain {r.get('cross_domain_retain')}  "
                       f"({r['n_images']} images, {r['seconds']:.1f} s)")
+        for c, r in results.get("robustness", {}).items():
+            ms = r["memorization_score"]
+            print(f"{c}: memorization score {ms['base']:.3f} -> {ms['patched']:.3f}; inversion attack "
+                  f"({r['inversion_steps']} steps) success {r['attack_success']:.2f} "
+                  f"(on base {r['attack_success_on_base']:.2f})")
         print(f"wrote {a.out}" + (f" and {a.grid}" if a.grid else ""))
     return 0
 
@@ -540,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance-scale", type=float, default=5.0)
     e.add_argument("--out", required=True, help="JSON file to write")
     e.add_argument("--grid", default=None, help="PNG of base | patched, one image per prompt")
+    e.add_argument("--robustness", action="store_true",
+                   help="with --patch: the Memorization Score (textual inversion of the concept's data-set images on "
+                        "base and patched model, cosine to the word's embedding) and an inversion attack's success "
+                        "rate (share of 20 images drawn from the token inverted on the patched model that show the "
+                        "concept); see fmn.toy.robustness")
+    e.add_argument("--inversion-steps", type=int, default=None, help="inversion steps (default: fmn.toy.robustness's)")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="a patch's summary (--json: its whole record)")

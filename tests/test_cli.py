@@ -136,6 +136,15 @@ def test_eval_on_the_builtin_model(tmp_path):
     lay = layout((32, 32), SHAPES, [f"{p} {c} s0" for p in ("base", "patched") for c in COLORS])
     assert Image.open(grid).size == cell(lay, 4, 9)[2:]  # a row per shape, base and patched colours
     assert main(["eval", "--forget", "hexagon", "--out", str(tmp_path / "x.json"), "-q"]) == 2
+    assert main(["eval", "--forget", "circle", "--robustness", "--out", str(tmp_path / "x.json"), "-q"]) == 2
+    # memorization score and inversion attack, at a tiny budget (full budget: bench/bench_robustness.py)
+    rob = tmp_path / "r.json"
+    assert main(["eval", "--patch", str(patch_path), "--forget", "circle", "--seeds", "1", "--steps", "4",
+                 "--robustness", "--inversion-steps", "2", "--out", str(rob), "-q"]) == 0
+    r = json.loads(rob.read_text())["robustness"]["circle"]
+    assert r["inversion_steps"] == 2 and 0 <= r["attack_success"] <= 1 and 0 <= r["attack_success_on_base"] <= 1
+    ms = r["memorization_score"]
+    assert ms["change"] == pytest.approx(ms["patched"] - ms["base"]) and -1 <= ms["base"] <= 1
 
 
 def test_info(patch_file, capsys):

@@ -17,14 +17,14 @@ from __future__ import annotations
 from importlib import resources
 
 from fmn.toy.data import COLORS, SHAPES  # noqa: F401
-from fmn.toy.evaluate import (DEFAULT_GUIDANCE, DEFAULT_STEPS, PromptSpec, evaluate,  # noqa: F401
-                              generate, prompt_set, relative_to, save_grid, score, slot_control)
+from fmn.toy.evaluate import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SPLITS, PromptSpec, evaluate,  # noqa: F401
+                              evaluate_split, generate, prompt_set, relative_to, save_grid, score, slot_control)
 
 # built-in model name -> folder under fmn/assets/toy
 MODELS = {"toy": "pipeline", "toy-mmdit": "mmdit"}
 
 __all__ = ["SHAPES", "COLORS", "MODELS", "model_path", "load_pipeline", "default_model_path",
-           "load_default_pipeline", "load_classifier", "evaluate",
+           "load_default_pipeline", "load_classifier", "evaluate", "evaluate_split", "SPLITS",
            "generate", "score", "prompt_set", "PromptSpec", "save_grid", "relative_to",
            "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "slot_control"]
 

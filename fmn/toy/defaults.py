@@ -9,6 +9,19 @@ of the concept's images, are held to the base model's; and an anchor (anchor_for
 Ablation's target): the forgotten concept's prompts are pulled to the base model's outputs with the next
 shape (colour) named instead, weight 16, 100 steps per forgotten shape, 200 per colour.
 
+Every concept, tuned and reported on separate splits (issue 17; fmn.toy.evaluate.SPLITS): tuning = seed 10
+with "a {c} {s}" and seed 11 with "a photo of a {c} {s}", forgetting seed 0; held-out = seed 20 with
+"a {s} in {c}" and seed 21 with "{c} {s}", forgetting seed 1 (bench_quality.py --all). Candidate rules on the
+tuning split (bench/sweep_toy_rules.py, bench/results/sweep_toy_rules.jsonl; UA / in-domain / cross-domain
+retain of base): the retain term on 128 cached samples instead of 32 at weight 16 instead of 8
+("wide-retain"): heart 0.90 / 1.00 / 1.00, blue 1.00 / 0.88 / 1.00; the same with 4 images of each
+retained concept's own ("own-images"): heart 0.80 / 1.00 / 1.00, blue 0.50 / 0.95 / 1.00. More retain holds
+the other concepts and forgets less, and neither meets the bar on both (the rule below, on held-out heart:
+0.90 / 0.95 / 0.98), so the rule stays as it is. The sweep was cut short: on the
+shared machine (load 18-27 on 2 cores) one forgetting run plus its 50-image evaluation took ~40 min
+instead of ~1 min, so no candidate was measured on more than two concepts; see the README for what the
+held-out table holds so far.
+
 Why the anchor: with attention loss and retain term alone (150 steps) "circle" reached UA 0.8 at 4
 seeds (0.8 / 0.95 with training seeds 1 / 2), star 0.5: once the word is not read, the prompt falls
 back to the base model's "a red something", a circle ~35% of the time (suppress's UA 0.65). With the

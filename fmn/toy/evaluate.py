@@ -207,6 +207,42 @@ def evaluate(pipe, prompts_spec=None, seeds: Iterable[int] = DEFAULT_SEEDS, forg
     return m
 
 
+# Named evaluation splits: (caption form, seeds) groups over the 5 x 5 shape-colour pairs. Settings
+# (fmn.toy.defaults) are tuned on "tuning" only and reported on "held-out", whose seeds and caption forms
+# (all from fmn.toy.data.FULL_TEMPLATES, the forms the model was trained on) the tuning never saw.
+SPLITS = {
+    "tuning": (("a {c} {s}", (10,)), ("a photo of a {c} {s}", (11,))),
+    "held-out": (("a {s} in {c}", (20,)), ("{c} {s}", (21,))),
+}
+
+
+def evaluate_split(pipe, split: str = "held-out", forgotten=None, classifier=None, negative_prompt=None,
+                   return_images: bool = False, **kw) -> dict:
+    """evaluate() over a named split (SPLITS) or a tuple of (caption form, seeds) groups: every group's
+    25 prompts with its seeds, all images scored together. Returns evaluate()'s dict with "split"."""
+    if isinstance(split, str) and split not in SPLITS:
+        raise ValueError(f"split must be one of {tuple(SPLITS)} or (form, seeds) groups, got {split!r}")
+    groups = SPLITS[split] if isinstance(split, str) else split
+    if classifier is None:
+        from fmn.toy.classifier import load_classifier
+        classifier = load_classifier()
+    parts = [evaluate(pipe, prompt_set(form), seeds, None, negative_prompt, classifier, return_images=True, **kw)
+             for form, seeds in groups]
+    images = torch.cat([m["images"] for m in parts])
+    specs = [sp for m in parts for sp in m["specs"]]
+    shapes = torch.cat([m["predictions"]["shape"] for m in parts]).tolist()
+    colors = torch.cat([m["predictions"]["color"] for m in parts]).tolist()
+    out = score(specs, shapes, colors, forgotten)
+    seconds = sum(m["seconds"] for m in parts)
+    out.update({"seconds": seconds, "images_per_second": len(specs) / max(seconds, 1e-9),
+                "split": split if isinstance(split, str) else "custom",
+                "groups": [[form, list(seeds)] for form, seeds in groups],
+                "settings": dict(parts[0]["settings"], seeds=None)})
+    if return_images:
+        out.update({"images": images, "specs": specs, "predictions": {"shape": shapes, "color": colors}})
+    return out
+
+
 @torch.no_grad()
 def slot_control(pipe, classifier=None, seeds: Iterable[int] = (0, 1), color: str = "red",
                  num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE) -> dict:

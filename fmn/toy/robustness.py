@@ -1,0 +1,243 @@
+"""How forgotten a concept stays on the toy model: the paper's Memorization Score and an inversion attack.
+
+Both start from textual inversion (Gal et al. 2022) of the concept's *probe images*: renders of the
+procedural data set (fmn.toy.data, not model samples) with the concept fixed and the other attribute
+cycled ("a red circle", "a green circle", ...). One new token's input embedding is learned, from a
+random start with a fixed seed, so that the pipeline's UNet denoises the probe latents given
+"a {colour} <token>" (a shape) or "a <token> {shape}" (a colour): the denoising loss textual inversion
+uses; only that embedding row changes.
+
+- memorization_score(): the paper's Memorization Score (Sec. 4.2): cosine similarity between the
+  concept word's and the inverted token's text-encoder embeddings (the encoder's output at the word's
+  slot, averaged over the probe prompts), with the token inverted once on the base model and once on
+  the patched one; forgetting should lower it. The paper inverts with SD's CLIP; here the toy encoder.
+- attack(): an inversion attack: invert on the *patched* model (a fixed budget of steps), then draw
+  images from the learned token in the probe prompts with fixed seeds and classify them; the attack
+  success rate is the share that shows the concept again.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from fmn.toy.data import COLORS, SHAPES, make_sample, to_tensor
+
+TOKEN = "<fmn-probe>"
+INVERSION_STEPS = 150
+INVERSION_LR = 2e-2
+PROBE_IMAGES = 10
+ATTACK_SEEDS = (0, 1, 2, 3)
+
+
+def _domain(concept: str) -> str:
+    if concept in SHAPES:
+        return "shape"
+    if concept in COLORS:
+        return "color"
+    raise ValueError(f"concept must be one of the toy model's shapes {SHAPES} or colours {COLORS}, got {concept!r}")
+
+
+def probe_prompts(concept: str, word: str) -> list[str]:
+    """One prompt per value of the other attribute, `word` in the concept's slot (same order as probes)."""
+    if _domain(concept) == "shape":
+        return [f"a {c} {word}" for c in COLORS]
+    return [f"a {word} {s}" for s in SHAPES]
+
+
+def probe_images(concept: str, n: int = PROBE_IMAGES, seed: int = 1234):
+    """(pixels [n,3,32,32] in [-1,1], index into probe_prompts per image): data-set renders of the concept."""
+    shape = _domain(concept) == "shape"
+    pix, which = [], []
+    for i in range(n):
+        other = i % 5
+        smp = make_sample(seed, i, shape=SHAPES.index(concept) if shape else other,
+                          color=other if shape else COLORS.index(concept), partial_prob=0.0)
+        pix.append(to_tensor(smp.image))
+        which.append(other)
+    return torch.stack(pix), which
+
+
+def with_token(pipe, vector: torch.Tensor, token: str = TOKEN):
+    """A copy of `pipe` sharing its UNet, VAE and scheduler, whose tokenizer and text encoder (copies) know
+    `token` with input embedding `vector`."""
+    tok, enc = copy.deepcopy(pipe.tokenizer), copy.deepcopy(pipe.text_encoder)
+    if tok.add_tokens([token]) != 1:
+        raise ValueError(f"token {token!r} is already in the tokenizer")
+    enc.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        enc.get_input_embeddings().weight[-1] = vector.to(enc.dtype)
+    out = copy.copy(pipe)  # shallow: a new components mapping over the same modules
+    out.register_modules(tokenizer=tok, text_encoder=enc)
+    return out
+
+
+def _token_ids(tok, prompts, device):
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids.to(device)
+
+
+def invert(pipe, concept: str, steps: int = INVERSION_STEPS, lr: float = INVERSION_LR, n_images: int = PROBE_IMAGES,
+           seed: int = 0, token: str = TOKEN) -> dict:
+    """Textual inversion of the concept's probe images on `pipe` (its UNet as it is: base or patched).
+
+    Returns {"vector": learned input embedding, "losses": per step, "pipe": with_token(pipe, vector)}.
+    The start is a random direction at the vocabulary's mean norm (seed `seed`), the same for every model.
+    """
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    device = pipe.unet.device
+    emb = pipe.text_encoder.get_input_embeddings().weight.detach()
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(emb.shape[1], generator=g)
+    start = r / r.norm() * emb.norm(dim=-1).mean().cpu()
+    tpipe = with_token(pipe, start, token)
+    enc, tok = tpipe.text_encoder, tpipe.tokenizer
+    table = enc.get_input_embeddings().weight
+    enc.requires_grad_(False)
+    table.requires_grad_(True)
+    row = torch.zeros(table.shape[0], 1, device=table.device)
+    row[-1] = 1.0
+    table.register_hook(lambda grad: grad * row)  # only the new token's row learns
+    pix, which = probe_images(concept, n_images)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pix.to(device, pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+    ids = _token_ids(tok, probe_prompts(concept, token), device)
+    alphas = pipe.scheduler.alphas_cumprod.to(device, torch.float32)
+    opt = torch.optim.AdamW([table], lr=lr, weight_decay=0.0)
+    unet_grad = [p.requires_grad for p in pipe.unet.parameters()]
+    pipe.unet.requires_grad_(False)
+    losses = []
+    try:
+        for _ in range(steps):
+            i = torch.randint(len(latents), (2,), generator=g)
+            t = torch.randint(len(alphas), (2,), generator=g).to(device)
+            noise = torch.randn(latents[i].shape, generator=g).to(device)
+            a = alphas[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * latents[i] + (1 - a).sqrt() * noise
+            text = enc(ids[torch.tensor([which[k] for k in i.tolist()])])[0]
+            loss = F.mse_loss(pipe.unet(x_t, t, encoder_hidden_states=text).sample.float(), noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        for p, flag in zip(pipe.unet.parameters(), unet_grad):
+            p.requires_grad_(flag)
+        table.requires_grad_(False)
+    vector = table[-1].detach().clone()
+    return {"vector": vector, "losses": losses, "pipe": with_token(pipe, vector, token), "steps": steps, "lr": lr}
+
+
+@torch.no_grad()
+def embedding_similarity(pipe_with_token, concept: str, token: str = TOKEN) -> float:
+    """Mean cosine similarity of the text encoder's outputs at the concept's slot, word vs token, over
+    the probe prompts (the toy encoder has no attention: a slot's output depends on its token and place)."""
+    tok, enc = pipe_with_token.tokenizer, pipe_with_token.text_encoder
+    device = enc.device
+    word = enc(_token_ids(tok, probe_prompts(concept, concept), device))[0]
+    inv = enc(_token_ids(tok, probe_prompts(concept, token), device))[0]
+    ids = _token_ids(tok, probe_prompts(concept, token), device)
+    pos = int(torch.nonzero(ids[0] == tok.convert_tokens_to_ids(token))[0])
+    word_ids = _token_ids(tok, probe_prompts(concept, concept), device)
+    if not bool((word_ids[:, pos] == tok.convert_tokens_to_ids(concept + "</w>")).all()):
+        raise ValueError(f"{concept!r} is not one token at the probe token's place in "
+                         f"{probe_prompts(concept, concept)}")
+    return float(F.cosine_similarity(word[:, pos], inv[:, pos], dim=-1).mean())
+
+
+def memorization_score(base, patched, concept: str, steps: int = INVERSION_STEPS, lr: float = INVERSION_LR,
+                       seed: int = 0) -> dict:
+    """The paper's Memorization Score: similarity of the inverted token to the concept's word, inverted on
+    the base and on the patched model (same probes, start and steps). Returns {"base", "patched", "change"}:
+    change < 0 means the patched model's inversion lies further from the word (the concept is forgotten)."""
+    before = embedding_similarity(invert(base, concept, steps, lr, seed=seed)["pipe"], concept)
+    after = embedding_similarity(invert(patched, concept, steps, lr, seed=seed)["pipe"], concept)
+    return {"base": before, "patched": after, "change": after - before, "steps": steps, "lr": lr,
+            "probe_images": PROBE_IMAGES}
+
+
+@torch.no_grad()
+def shown_rate(pipe_with_token, concept: str, classifier, seeds=ATTACK_SEEDS, token: str = TOKEN, **gen_kw) -> float:
+    """Share of images drawn from the token in the probe prompts (fixed seeds) classified as the concept."""
+    from fmn.toy.evaluate import PromptSpec, generate
+
+    shape = _domain(concept) == "shape"
+    others = COLORS if shape else SHAPES
+    specs = [PromptSpec(p, concept if shape else o, o if shape else concept)
+             for p, o in zip(probe_prompts(concept, token), others)]
+    images, _ = generate(pipe_with_token, specs, seeds, **gen_kw)
+    pred = classifier.classify(images)
+    if shape:
+        hit = pred["shape"] == SHAPES.index(concept)
+    else:
+        hit = (pred["color"] == COLORS.index(concept)) & (pred["shape"] < len(SHAPES))
+    return float(hit.float().mean())
+
+
+def attack(patched, concept: str, classifier=None, steps: int = INVERSION_STEPS, lr: float = INVERSION_LR,
+           seeds=ATTACK_SEEDS, seed: int = 0) -> dict:
+    """Inversion attack on a (patched) pipeline: invert the concept's probe images on it with `steps`
+    steps, draw 5 prompts x len(seeds) images from the learned token, and return the share showing the
+    concept ("success") with the attack's settings and its inverted-token pipeline ("pipe")."""
+    if classifier is None:
+        from fmn.toy.classifier import load_classifier
+        classifier = load_classifier()
+    inv = invert(patched, concept, steps, lr, seed=seed)
+    success = shown_rate(inv["pipe"], concept, classifier, seeds)
+    return {"success": success, "steps": steps, "lr": lr, "n_images": 5 * len(list(seeds)),
+            "loss_first": inv["losses"][0] if inv["losses"] else None,
+            "loss_last": sum(inv["losses"][-20:]) / max(1, len(inv["losses"][-20:])), "pipe": inv["pipe"],
+            "vector": inv["vector"]}
+
+
+def report(base, patched, concepts, classifier=None, steps: int = INVERSION_STEPS, lr: float = INVERSION_LR,
+           seeds=ATTACK_SEEDS, **gen_kw) -> dict:
+    """Per concept: the Memorization Score (base, patched, change) and the inversion attack's success on the
+    patched model and, for reference, on the base model (same budget): {concept: {...}}. gen_kw: sampling
+    settings of the attack's images (fmn.toy.evaluate.generate)."""
+    if classifier is None:
+        from fmn.toy.classifier import load_classifier
+        classifier = load_classifier()
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    out = {}
+    for c in concepts:
+        on_base, on_patched = invert(base, c, steps, lr), invert(patched, c, steps, lr)
+        ms_base = embedding_similarity(on_base["pipe"], c)
+        ms_patched = embedding_similarity(on_patched["pipe"], c)
+        out[c] = {"memorization_score": {"base": ms_base, "patched": ms_patched, "change": ms_patched - ms_base},
+                  "attack_success": shown_rate(on_patched["pipe"], c, classifier, seeds, **gen_kw),
+                  "attack_success_on_base": shown_rate(on_base["pipe"], c, classifier, seeds, **gen_kw),
+                  "inversion_steps": steps, "inversion_lr": lr, "probe_images": PROBE_IMAGES,
+                  "attack_images": 5 * len(list(seeds))}
+    return out
+
+
+def forget_with_inversion(pipe, concepts, rounds: int = 1, steps: int = INVERSION_STEPS, lr: float = INVERSION_LR,
+                          **options):
+    """A defence against the inversion attack: fmn.forget with the toy defaults (fmn.toy.defaults, overridden
+    by `options`), then `rounds` times: invert each concept on the patched model (as the attack does) and
+    forget the inverted tokens together with the words (each token anchored like its word). Trains
+    pipe.unet in place; returns the per-round patches (each relative to the weights before it)."""
+    import fmn
+    from fmn.toy.defaults import ANCHOR_STEPS, forget_defaults
+
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    opts = dict(forget_defaults(concepts), **options)
+    patches = [fmn.forget(pipe, concepts, inplace=True, progress=False, **opts)]
+    for r in range(rounds):
+        tpipe = pipe
+        tokens = []
+        for k, c in enumerate(concepts):
+            token = f"<fmn-inv{r}-{k}>"
+            vector = invert(tpipe, c, steps, lr, seed=100 + r, token=token)["vector"]
+            tpipe = with_token(tpipe, vector, token)  # shares the UNet: training it trains pipe's
+            tokens.append(token)
+        round_opts = dict(opts)
+        if opts.get("anchor"):
+            round_opts["anchor"] = list(opts["anchor"]) * 2
+            domain = "shape" if concepts[0] in SHAPES else "color"
+            round_opts["steps"] = options.get("steps", ANCHOR_STEPS[domain] * len(concepts))
+        patches.append(fmn.forget(tpipe, concepts + tokens, inplace=True, progress=False, **round_opts))
+    return patches
