@@ -117,7 +117,9 @@ def generate_latents(family, prompts, seeds, resolution, opts, device, suppresse
     kw = dict(prompt=prompts, num_inference_steps=opts.gen_steps, guidance_scale=opts.guidance_scale,
               height=resolution, width=resolution, generator=gens, output_type="latent")
     old = dict(getattr(pipe, "_progress_bar_config", {}) or {})
-    pipe.set_progress_bar_config(disable=True)
+    # the pipeline's own bar over its denoising steps: drawing references is most of a short run
+    pipe.set_progress_bar_config(disable=not opts.progress, leave=False,
+                                 desc=f"drawing {len(prompts)} reference image(s)")
     try:
         if suppressed is None:
             out = pipe(**kw).images
