@@ -124,19 +124,38 @@ def probe(transformer, text_encoders, tok, lat, shapes, colors, seed):
     return out
 
 
+def load_trainable(folder):
+    """The text encoders and transformer of a saved toy-mmdit pipeline, in fp32, for a further stage."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    text_encoders = [CLIPTextModelWithProjection.from_pretrained(folder, subfolder=sub, torch_dtype=torch.float32)
+                     for sub in ("text_encoder", "text_encoder_2")]
+    transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.float32)
+    MM.zero_pooled_projection(transformer)
+    return text_encoders, transformer
+
+
 def prepare(args, t0):
     """Everything training needs, built deterministically from args.seed."""
     torch.manual_seed(args.seed)
-    vae = MM.load_unet_toy_vae(args.vae_from)
+    vae = MM.load_unet_toy_vae(args.init_from or args.vae_from)
     x, shapes, colors = make_pool(args.seed + 2, args.pool)
     lat_mean, lat_std = encode_pool(vae, x)
-    shift, scale = float(lat_mean.mean()), float(1.0 / lat_mean.std())
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    if args.init_from:  # keep the latent normalisation the loaded transformer was trained with
+        shift, scale = float(vae.config.shift_factor), float(vae.config.scaling_factor)
+    else:
+        shift, scale = float(lat_mean.mean()), float(1.0 / lat_mean.std())
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     log(t0, f"pool of {len(x)} images encoded; latent shift {shift:.4f} scale {scale:.4f}")
     tok = MM.build_tokenizer()
     torch.manual_seed(args.seed + 3)
-    text_encoders = [MM.build_text_encoder(tok), MM.build_text_encoder(tok)]
-    transformer = MM.build_transformer(args.dim, args.layers, args.head_dim)
+    if args.init_from:
+        text_encoders, transformer = load_trainable(args.init_from)
+        log(t0, f"transformer and text encoders loaded from {args.init_from} (fp32)")
+    else:
+        text_encoders = [MM.build_text_encoder(tok), MM.build_text_encoder(tok)]
+        transformer = MM.build_transformer(args.dim, args.layers, args.head_dim)
     pad = MM.set_pad_collapsed(transformer, MM.T5_SLOTS)
     px, ps, pc = make_pool(args.seed + 6, args.probe_size)
     probe_lat = (encode_pool(vae, px)[0] - shift) * scale
@@ -246,6 +265,9 @@ def parse_args(argv=None):
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ap.add_argument("--vae-from", default=str(ROOT / "fmn" / "assets" / "toy" / "pipeline"),
                     help="pipeline folder whose VAE is reused (default: the shipped UNet toy model)")
+    ap.add_argument("--init-from", default=None,
+                    help="a saved toy-mmdit pipeline folder to continue training from (a further stage: its VAE, "
+                         "latent normalisation, transformer and text encoders; --dim/--layers/--head-dim unused)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2000)
@@ -303,6 +325,8 @@ def main(argv=None):
             "size_bytes": size, "final_loss_mean_last_100": float(np.mean(losses[-100:])),
             "load_average_1min_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
             "cores": os.cpu_count(), "files": files}
+    if args.init_from:  # the earlier stage(s), so that the chain can be rerun and checked
+        info["init_from_training_info"] = json.loads((Path(args.init_from) / "training_info.json").read_text())
     (tmp / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)
