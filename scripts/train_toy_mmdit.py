@@ -234,6 +234,10 @@ def save_pipeline(out, st, fp32=False):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
     pipe.save_pretrained(tmp, safe_serialization=True)
+    for cfg_path in tmp.glob("*/config.json"):  # where the modules were loaded from is no part of the model
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.pop("_name_or_path", None) is not None:
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for sub in ("text_encoder", "text_encoder_2"):
         # transformers loads weights in their stored dtype unless the config names one: name fp32, so
         # that a plain from_pretrained(path) gives an all-fp32 pipeline
