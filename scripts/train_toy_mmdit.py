@@ -16,18 +16,18 @@ fixed --threads:
     serves the default 256 and the 4.5 x cheaper max_sequence_length=1 alike.
 A held-out probe logs the loss with the true caption, with another shape's caption, with another
 colour's and with the empty prompt (a model that reads its words: swapped >> true).
-Shipped model: two stages (dim 128, 4 layers, 2.29 M transformer parameters, 6.3 MB), on 2 cores
-shared with other jobs: (1) seed 0, 2000 steps, lr 1e-3: 43 min wall at load 17-27 (0.37-0.57 CPU s
-per step); shape 0.68 / 0.72 on held-out seeds 0, 1, still improving with steps; (2) --init-from (1)
---seed 1 --steps 1000 --lr 4e-4 --warmup 50: 14.5 min wall at load 9-17; shape 0.80 / 0.82, colour
-1.00 / 1.00 (bench/results/toy_mmdit_base_msl1.json); circle and square are the ones not yet apart
-(the VAE keeps them apart: bench/toy_vae_roundtrip.py).
+Shipped model: four stages, each --init-from the previous (dim 128, 4 layers, 2.29 M transformer
+parameters, 6.3 MB), on 2 cores shared with other jobs: (1) seed 0, 2000 steps, lr 1e-3, 43 min wall
+(held-out seeds 0, 1: shape 0.68 / 0.72); (2) --seed 1 --steps 1000 --lr 4e-4 --warmup 50 (0.80 /
+0.82); (3) --seed 2 --steps 600 --lr 2e-4 --warmup 30; (4) --seed 3 --steps 1500 --lr 3e-4 --warmup
+50: shape 0.96 / 0.98, colour 1.00 / 1.00 (bench/results/toy_mmdit_base_msl1.json). The VAE keeps the
+shapes apart (bench/toy_vae_roundtrip.py): the earlier circle/square confusion was under-training.
 Saved with save_pretrained (safetensors, fp16 weights unless --fp32) into a new folder (default
 fmn/assets/toy/mmdit; --overwrite to replace it), with training_info.json.
 
-    .venv/bin/python scripts/train_toy_mmdit.py --out /tmp/runs/stage1   # the shipped model: stage 1
-    .venv/bin/python scripts/train_toy_mmdit.py --init-from /tmp/runs/stage1 --seed 1 --steps 1000 \
-        --lr 4e-4 --warmup 50                                          # stage 2, into fmn/assets/toy/mmdit
+    .venv/bin/python scripts/train_toy_mmdit.py --out /tmp/runs/s1          # the shipped model, stage 1
+    .venv/bin/python scripts/train_toy_mmdit.py --init-from /tmp/runs/s1 --out /tmp/runs/s2 \
+        --seed 1 --steps 1000 --lr 4e-4 --warmup 50                        # then s3, s4 as above
     .venv/bin/python scripts/train_toy_mmdit.py --steps 300 --out /tmp/runs/short
 """
 from __future__ import annotations
