@@ -68,6 +68,26 @@ def test_training_first_steps_are_reproducible():
         script.parse_args(["--steps", "0"])
 
 
+def test_a_further_stage_starts_from_the_saved_model():
+    """--init-from: the saved transformer, text encoders and latent normalisation, not fresh ones."""
+    from diffusers import SD3Transformer2DModel
+
+    from fmn.toy import model_path
+    script = _train_script()
+    folder = model_path("toy-mmdit")
+    args = script.parse_args(["--init-from", folder, "--pool", "16", "--probe-size", "2"])
+    st = script.prepare(args, t0=0.0)
+    saved = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.float32)
+    for (name, a), b in zip(st["transformer"].state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(a, b), name
+    cfg = json.loads((Path(folder) / "vae" / "config.json").read_text())
+    assert (st["shift"], st["scale"]) == (cfg["shift_factor"], cfg["scaling_factor"])
+    assert not any(p.requires_grad for p in st["transformer"].time_text_embed.text_embedder.parameters())
+    fresh = script.prepare(script.parse_args(["--pool", "16", "--probe-size", "2"]), t0=0.0)
+    assert not torch.equal(fresh["text_encoders"][0].text_model.embeddings.token_embedding.weight,
+                           st["text_encoders"][0].text_model.embeddings.token_embedding.weight)
+
+
 # ---------------------------------------------------------------- the shipped model
 @pytest.fixture(scope="module")
 def pipe():
