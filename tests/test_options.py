@@ -31,4 +31,4 @@ def test_record_drops_what_only_concerns_this_process():
 def test_templates_and_choices():
     assert templates("object") == ["a photo of {}"] and templates("{} at noon") == ["{} at noon"]
     assert set(PRECISIONS) == {"fp32", "bf16", "fp16"} and "exact" in PATCH_DTYPES
-    assert TRAIN_SETS[-1] == "lora" and BACKENDS == ("auto", "triton", "reference")
+    assert TRAIN_SETS[-1] == "lora" and BACKENDS == ("auto", "triton", "cpu", "reference")
