@@ -165,21 +165,14 @@ def cmd_forget(a):
         inversion=a.inversion, inversion_steps=a.inversion_steps, inversion_tokens=a.inversion_tokens,
         patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
         progress=not a.quiet, base_model=a.model or "fmn-toy")
-    if a.model is None:  # the built-in toy model has its own tuned defaults (fmn/toy/defaults.py)
-        from fmn.toy.defaults import forget_defaults
-        anchored = a.anchor is None or bool(given["anchor"])  # --anchor "": the defaults without an anchor
-        for key, value in forget_defaults(a.concept, anchor=anchored).items():
-            if given.get(key) is None and not (key == "lr" and a.train == "lora"):
-                given[key] = value
     given = {k: v for k, v in given.items() if v is not None}
     try:
-        opts = ForgetOptions(**given)  # checked before the (slow) pipeline load
+        ForgetOptions(**given)  # checked before the (slow) pipeline load
     except ValueError as e:
         raise CLIError(str(e)) from None
     pipe = load_pipeline(a.model, a.precision, for_training=True, device=a.device)
-    defaults = family_for(pipe).default_options()
-    if defaults:  # the model family's own defaults, under what was given
-        opts = ForgetOptions(**{**defaults, **given})
+    # the model family's defaults (the built-in toy model's tuned ones), under what was given: as fmn.forget
+    opts = ForgetOptions(**{**family_for(pipe).default_options(a.concept, given), **given})
     from fmn.concepts import check_concepts
     for msg in check_concepts(pipe, a.concept):
         if a.strict:
@@ -448,14 +441,17 @@ POSITIVE_FLOAT = _at_least(1e-300, float)
 def _toy_defaults_note() -> str:
     """The defaults that apply without --model: the built-in toy model's tuned values."""
     try:
+        from fmn.toy import default_model_path
         from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS
     except ImportError:
         return ""
     d = FORGET_DEFAULTS
-    return (f"The defaults shown are the paper's, for --model. Without --model (the built-in toy model) unset "
-            f"options take its tuned values: {ANCHOR_STEPS['shape']} steps per shape ({ANCHOR_STEPS['color']} per "
-            f"colour) with an anchor, lr {d['lr']}, {d['n_images']} reference images of {d['gen_steps']} steps, "
-            f"retain weight {d['retain_weight']}, its caption forms as templates (fmn/toy/defaults.py).")
+    return (f"The defaults shown are the paper's, for --model (SD3 / FLUX.1: with the pipeline's own guidance "
+            f"scale). On the built-in toy model (no --model, or --model {default_model_path()}) unset options "
+            f"take its tuned values, as fmn.forget does there: {ANCHOR_STEPS['shape']} steps per shape "
+            f"({ANCHOR_STEPS['color']} per colour) with an anchor, lr {d['lr']}, {d['n_images']} reference images "
+            f"of {d['gen_steps']} steps, retain weight {d['retain_weight']}, "
+            f"its caption forms as templates (fmn/toy/defaults.py).")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -147,14 +147,17 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
             images, a dict {concept: folder or list}, or a tensor of latents [N, 4, h, w].
         **options: see ForgetOptions (steps=35, lr=2e-6, batch_size=1, train="attn2",
             loss="attention", precision="fp32", patch_dtype="fp16", inplace=False, ...), over the
-            model family's default_options(); or options=ForgetOptions(...), taken as it is.
+            model family's default_options(concepts) (on the built-in toy model, fmn.toy.load_default_pipeline():
+            its tuned defaults, fmn/toy/defaults.py); or options=ForgetOptions(...), taken as it is.
 
     The returned patch's `summary` holds time, peak memory, loss before/after and per step.
     """
     family = family_for(pipe)
     given = options.pop("options", None)
-    opts = dataclasses.replace(given) if given is not None else ForgetOptions(**{**family.default_options(),
-                                                                                  **options})
+    if given is not None:
+        opts = dataclasses.replace(given)
+    else:  # the caller's options over the family's (the built-in toy model's: its tuned ones)
+        opts = ForgetOptions(**{**family.default_options(concepts, options), **options})
     concepts, anchors = checked_concepts(concepts, opts)
     tpl = templates(opts.template)
     for c in concepts:  # every concept must be found in its prompts (the error names both)

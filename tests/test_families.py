@@ -78,3 +78,14 @@ def test_trainable_sets(sd1):
     assert set(names["attn2-kv"]) < set(names["attn2"]) < set(names["unet"])
     assert all(any(t in n for n in names["attn2"]) for t in family.lora_targets())
     assert [n for n, _ in family.attention_layers()] and family.train_sets[-1] == "lora"
+
+
+def test_default_options_are_the_toy_models_only_on_the_built_in_toy_model(sd1):
+    from fmn.toy import load_default_pipeline
+    from fmn.toy.defaults import forget_defaults
+    assert UNetFamily(sd1).default_options(["cat"]) == {}  # any other UNet: the paper's defaults
+    family = UNetFamily(load_default_pipeline())
+    assert family.is_builtin_toy()
+    assert family.default_options(["circle"]) == forget_defaults(["circle"])
+    assert family.default_options("red", {"anchor": []}) == forget_defaults("red", anchor=False)
+    assert "lr" not in family.default_options(["circle"], {"train": "lora"})  # LoRA keeps its own lr

@@ -399,3 +399,19 @@ def test_short_toy_run_is_bit_identical_to_the_pinned_patch():
     patch = forget(load_default_pipeline(), ["circle"], **opts)
     assert patch.kind == "delta" and len(patch.tensors) == 35
     assert patch_sha256(patch) == TOY_SHORT_RUN_SHA256
+
+
+def test_python_forget_on_the_built_in_toy_model_takes_its_tuned_defaults():
+    """fmn.forget on the shipped toy pipeline trains with the options `fmn forget` uses there (the family's
+    default_options), the caller's options over them."""
+    import fmn
+    from fmn.toy import load_default_pipeline
+    from fmn.toy.defaults import forget_defaults
+    patch = fmn.forget(load_default_pipeline(), "circle", steps=2, n_images=2, gen_steps=2, retain_samples=2,
+                       backend="reference", progress=False)
+    toy, got = forget_defaults("circle"), patch.options
+    assert got["steps"] == 2 and got["n_images"] == 2  # given: over the defaults
+    assert got["lr"] == toy["lr"] != 2e-6
+    assert list(got["template"]) == toy["template"] and len(toy["template"]) > 2
+    assert list(got["anchor"]) == toy["anchor"] == ["square"] and got["anchor_weight"] == toy["anchor_weight"]
+    assert list(got["retain"]) == toy["retain"] and got["retain_weight"] == toy["retain_weight"]

@@ -139,8 +139,11 @@ class ModelFamily(ABC):
     def default_resolution(self) -> int:
         """Training image size in pixels when the options leave it unset."""
 
-    def default_options(self) -> dict:
-        """ForgetOptions values this family prefers over the paper's defaults (none by default)."""
+    def default_options(self, concepts, given: dict | None = None) -> dict:
+        """ForgetOptions values this family (or this very model) prefers over the paper's defaults for
+        forgetting `concepts` (none by default). `given`: the options the caller set, for defaults that
+        depend on them; the caller's options always win over what this returns. fmn.forget and
+        `fmn forget` both ask here, so the two paths train with the same options."""
         return {}
 
     def pipeline_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:

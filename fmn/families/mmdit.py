@@ -221,7 +221,7 @@ class MMDiTFamily(ModelFamily):
         side = resolution // self.pipe.vae_scale_factor
         return unpack_latents(latents, side, side)
 
-    def default_options(self) -> dict:
+    def default_options(self, concepts, given=None) -> dict:
         """The pipeline's own guidance scale for the reference images (FLUX.1: 3.5; SD3: 7.0)."""
         return {"guidance_scale": float(inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"]
                                         .default)}

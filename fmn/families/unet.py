@@ -133,5 +133,31 @@ class UNetFamily(ModelFamily):
         return list(LORA_TARGETS)
 
     # --- defaults
+    def default_options(self, concepts, given=None):
+        """On the built-in toy model (is_builtin_toy): its tuned defaults (fmn.toy.defaults.forget_defaults)
+        for `concepts`; given anchor "" / [] (no anchor) picks its defaults without one, and given
+        train="lora" keeps the LoRA learning rate. Any other UNet: none (the paper's)."""
+        if not self.is_builtin_toy():
+            return {}
+        from fmn.toy.defaults import forget_defaults
+        given = given or {}
+        anchor = given.get("anchor")
+        anchored = anchor is None or bool(anchor.strip() if isinstance(anchor, str) else anchor)
+        opts = forget_defaults(concepts, anchor=anchored)
+        if given.get("train") == "lora":
+            opts.pop("lr", None)
+        return opts
+
+    def is_builtin_toy(self) -> bool:
+        """Whether the pipeline was loaded from the shipped toy model's folder (fmn.toy.paths.is_built_in:
+        its name_or_path resolves to fmn.toy.default_model_path()). A copy saved elsewhere, or a pipeline
+        built in memory, is not: it gets the paper's defaults (pass fmn.toy.defaults.forget_defaults(concepts)
+        yourself)."""
+        try:
+            from fmn.toy.paths import is_built_in
+        except ImportError:  # an install without the toy model
+            return False
+        return is_built_in(self.pipe, "toy")
+
     def default_resolution(self):
         return int(self.pipe.unet.config.sample_size) * getattr(self.pipe, "vae_scale_factor", 8)

@@ -14,32 +14,15 @@ enough to ship inside the package and to run on a CPU:
 """
 from __future__ import annotations
 
-from importlib import resources
-
 from fmn.toy.data import COLORS, SHAPES  # noqa: F401
 from fmn.toy.evaluate import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SPLITS, PromptSpec, evaluate,  # noqa: F401
                               evaluate_split, generate, prompt_set, relative_to, save_grid, score, slot_control)
-
-# built-in model name -> folder under fmn/assets/toy
-MODELS = {"toy": "pipeline", "toy-mmdit": "mmdit"}
+from fmn.toy.paths import MODELS, default_model_path, model_path  # noqa: F401
 
 __all__ = ["SHAPES", "COLORS", "MODELS", "model_path", "load_pipeline", "default_model_path",
            "load_default_pipeline", "load_classifier", "evaluate", "evaluate_split", "SPLITS",
            "generate", "score", "prompt_set", "PromptSpec", "save_grid", "relative_to",
            "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "slot_control"]
-
-
-def model_path(name: str = "toy") -> str:
-    """Folder of a shipped toy pipeline ("toy" or "toy-mmdit"), loadable offline with from_pretrained
-    ("toy-mmdit" needs text_encoder_3=None, tokenizer_3=None: it has no T5)."""
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
-    return str(resources.files("fmn") / "assets" / "toy" / MODELS[name])
-
-
-def default_model_path() -> str:
-    """Folder of the shipped "toy" (UNet) pipeline; `StableDiffusionPipeline.from_pretrained(path)` loads it offline."""
-    return model_path("toy")
 
 
 def load_pipeline(name: str = "toy", device="cpu", dtype=None, path: str | None = None):
