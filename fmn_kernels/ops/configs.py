@@ -65,17 +65,20 @@ TABLE = {
     ("dkdv_long", "16bit", 128): {"all": _T(32, 64, 8, 2), "sm86": _T(32, 32, 8, 1)},
     ("dkdv_long", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm86": _T(16, 32, 8, 1)},
     ("dq", "16bit", 64): {"all": _T(64, 64, 4, 2)},
-    ("dq", "16bit", 128): {"all": _T(64, 64, 8, 2), "sm86": _T(32, 32, 8, 1)},  # sm86 (64, 32, 8, 1): 8 B spill
-    ("dq", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm86": _T(32, 16, 8, 1)},
+    # sm86 (64, 32, 8, 1): 8 B spill; sm80 (64, 64, 8, 2) with the concept weights alone: 4 B spill
+    ("dq", "16bit", 128): {"all": _T(64, 64, 8, 2), "sm80": _T(64, 64, 8, 1), "sm86": _T(32, 32, 8, 1)},
+    # sm80 (32, 32, 8, 1) without masks: 8 B spill
+    ("dq", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm80": _T(32, 16, 8, 1), "sm86": _T(32, 16, 8, 1)},
     # ---- fp32, TF32 dots ----
     # sm80: (64, 0, 4, 1) spilled 476 B at 255 registers; (32, 0, 4, 1): 182 registers, no spill
-    ("fwd1", "tf32", 64): {"all": _T(64, 0, 4, 1), "sm80": _T(32, 0, 4, 1), "sm86": _T(32, 0, 4, 1)},
+    # sm80 (32, 0, 4, 1) without masks: 8 B spill at 168 registers
+    ("fwd1", "tf32", 64): {"all": _T(64, 0, 4, 1), "sm80": _T(16, 0, 4, 1), "sm86": _T(32, 0, 4, 1)},
     ("fwd1", "tf32", 128): {"all": _T(32, 0, 8, 1), "sm80": None, "sm86": None},
     ("fwd1", "tf32", 256): {"all": None},
-    ("fwd", "tf32", 64): {"all": _T(64, 64, 4, 2), "sm86": _T(64, 32, 4, 1)},
-    ("fwd", "tf32", 128): {"all": _T(64, 32, 8, 2), "sm86": _T(32, 32, 4, 1)},
+    ("fwd", "tf32", 64): {"all": _T(64, 64, 4, 2), "sm86": _T(32, 32, 4, 1)},  # sm86 (64, 32, 4, 1): 16 B spill
+    ("fwd", "tf32", 128): {"all": _T(64, 32, 8, 2), "sm80": _T(64, 32, 8, 1), "sm86": _T(32, 32, 4, 1)},  # sm80: 8 B
     ("fwd", "tf32", 256): {"all": _T(32, 32, 8, 1), "sm86": _T(16, 32, 8, 1)},
-    ("fwd_long", "tf32", 64): {"all": _T(64, 64, 4, 2), "sm86": _T(64, 32, 4, 1)},
+    ("fwd_long", "tf32", 64): {"all": _T(64, 64, 4, 2), "sm86": _T(32, 32, 4, 1)},  # sm86 (64, 32, 4, 1): 16 B
     ("fwd_long", "tf32", 128): {"all": _T(64, 32, 8, 2), "sm86": _T(32, 32, 4, 1)},
     ("fwd_long", "tf32", 256): {"all": _T(32, 32, 8, 1), "sm86": _T(16, 32, 8, 1)},
     ("bwd1", "tf32", 64): {"all": _T(16, 0, 8, 1), "sm86": None},
@@ -83,7 +86,8 @@ TABLE = {
     ("bwd1", "tf32", 256): {"all": None},
     ("dkdv", "tf32", 64): {"all": _T(32, 32, 4, 1)},
     # 8 warps got 128 registers and spilled 8 B on sm90 with (32, 32, 8, 1) at D=80 and (16, 32, 8, 1) at D=128
-    ("dkdv", "tf32", 128): {"all": _T(16, 16, 4, 1)},
+    # sm90 (16, 16, 4, 1) for the attention loss alone (no dO): 8 B spill
+    ("dkdv", "tf32", 128): {"all": _T(16, 16, 4, 1), "sm90": _T(16, 32, 4, 1)},
     ("dkdv", "tf32", 256): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},
     ("dkdv_long", "tf32", 64): {"all": _T(32, 32, 4, 1)},
     # (32, 32, 8, 1) spilled 16 B on sm80; on sm86 it also needed 112 KB of shared memory
@@ -106,13 +110,15 @@ TABLE = {
     ("bwd1", "ieee", 128): {"all": None},
     ("bwd1", "ieee", 256): {"all": None},
     ("dkdv", "ieee", 64): {"all": _T(16, 32, 4, 1)},
-    ("dkdv", "ieee", 128): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},  # sm86 D=80: 4 B spill
-    ("dkdv", "ieee", 256): {"all": _T(16, 16, 8, 1)},
+    # sm86 D=80 (16, 32, 8, 1): 4 B spill; sm80 with the attention loss alone: 4 B spill
+    ("dkdv", "ieee", 128): {"all": _T(16, 32, 8, 1), "sm80": _T(16, 16, 8, 1), "sm86": _T(16, 16, 8, 1)},
+    # sm86 (16, 16, 8, 1) with the concept weights alone: 40 B spill; larger tiles exceed 99 KB
+    ("dkdv", "ieee", 256): {"all": _T(16, 16, 8, 1), "sm86": _T(16, 16, 4, 1)},
     # exact fp32 is FMA-bound anyway: the long path's third dot spills (255 regs), so dQ has its own pass
     ("dkdv_long", "ieee", 64): {"all": None},
     ("dkdv_long", "ieee", 128): {"all": None},
     ("dkdv_long", "ieee", 256): {"all": None},
-    ("dq", "ieee", 64): {"all": _T(32, 32, 4, 1)},
+    ("dq", "ieee", 64): {"all": _T(32, 32, 4, 1), "sm80": _T(16, 32, 4, 1)},  # sm80: 4 B spill (weights alone)
     ("dq", "ieee", 128): {"all": _T(16, 32, 8, 1)},
     ("dq", "ieee", 256): {"all": _T(16, 16, 8, 1)},
 }
