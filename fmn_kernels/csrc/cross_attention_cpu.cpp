@@ -574,6 +574,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concept_attention_cpu_bwd(
   return {dq, dk, dv};
 }
 
+// How many threads at::parallel_for runs `tasks` tasks on inside this library: a check of the build
+// (without OpenMP at compile time it is always 1, whatever torch.get_num_threads() says).
+int64_t cpu_threads_used(int64_t tasks) {
+  std::vector<char> used(at::get_num_threads(), 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { used[at::get_thread_num()] = 1; });
+  return std::count(used.begin(), used.end(), 1);
+}
+
 }  // namespace
 }  // namespace fmn_cpu
 
@@ -583,6 +591,7 @@ TORCH_LIBRARY_FRAGMENT(fmn, m) {
   m.def("concept_attention_cpu_bwd(Tensor? dout, Tensor? dscore, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor score, Tensor lse, Tensor? weights, Tensor? keep, Tensor? valid, float scale) "
         "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("cpu_threads_used(int tasks) -> int", &fmn_cpu::cpu_threads_used);
 }
 
 TORCH_LIBRARY_IMPL(fmn, CPU, m) {
