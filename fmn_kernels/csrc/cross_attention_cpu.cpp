@@ -7,12 +7,16 @@
 // Backward, with dO and g = dLoss/dc:
 //   dp_ij = keep_j dO_i.v_j + 2 g_i w_j p_ij,  delta_i = dO_i.o_i + 2 g_i c_i,  ds_ij = p_ij (dp_ij - delta_i)
 //   dQ = scale dS K,  dK = scale dS^T Q,  dV = (P keep)^T dO.
-// Work is split over (batch, head, query block) tasks with at::parallel_for. Each task keeps one
-// [query block x key block] score tile in a per-thread buffer. In the backward a task owns a range
-// of query rows of one head and accumulates dK/dV for that head into its own fp32 slice of a
-// workspace, summed over the slices afterwards: no two threads write the same memory.
-// Matrix products go to the BLAS that PyTorch links (sgemm_, as ATen's own CPU kernels do); when
-// it is absent, or FMN_CPU_GEMM=portable is set, to plain loops.
+// The weights w are nonzero on a few keys (the concept's tokens): c_i and the 2 g_i w_j p_ij term are
+// summed over those keys only, gathered once per call.
+// Work is split over (batch, head, query block) tasks with at::parallel_for (which needs OpenMP at
+// compile time: see CMakeLists.txt). Each task keeps one [query block x key block] score tile in a
+// per-thread buffer; rows are vectorised with ATen's at::vec, the last partial vector masked.
+// In the backward a task owns a range of query rows of one head and accumulates dK/dV for that
+// head into its own fp32 slice (the first tile writes it, so nothing is zero-filled): no two
+// threads write the same memory. With one slice per head (the usual case) the slice is the
+// gradient itself, in its input's layout. Matrix products go to the BLAS that PyTorch links (sgemm_,
+// as ATen's own CPU kernels do); when it is absent, or FMN_CPU_GEMM=portable is set, to plain loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -270,13 +274,12 @@ struct Dims {
   int64_t qblocks() const { return (N + m - 1) / m; }
 };
 
-// Rows per tile, measured on 2 cores (fp32, fwd+bwd, rows 128 / 256): long keys are matrix-product
-// bound and gain from the larger tile (each key block packed once per 256 rows); at L = 77
-// the elementwise work dominates and 128 rows keep the tiles in L2.
+// Rows per tile, as ATen's flash attention for long keys. Measured on one thread (fp32, fwd+bwd,
+// kernels only, loaded machine): at N=1024 L=4608 D=128, 128 / 256 rows took 1.10x / 0.99x SDPA's
+// time (matrix-product bound; each key block is packed once per 256 rows); at SD 2.1's L=77,
+// 64 / 128 / 256 rows took 0.94x / 0.86x / 0.77x in one run and 0.79x / 0.89x (128 / 256) in another.
 Dims make_dims(int64_t B, int64_t H, int64_t N, int64_t L, int64_t D) {
-  const char* env = std::getenv("FMN_CPU_BLOCK_M");
-  int64_t m = L > kBlockN ? 256 : 128;
-  if (env) m = std::atoll(env);
+  const int64_t m = L > kBlockN ? 256 : 128;
   const int64_t ld = (std::min(std::max<int64_t>(L, 1), kBlockN) + 15) / 16 * 16;  // rows on 64-byte lines
   return {B, H, N, L, D, m, ld};
 }
