@@ -190,3 +190,41 @@ def test_rejects_float64():
     q, k, v = make_inputs(1, 1, 4, 7, 8, torch.float64)
     with pytest.raises(TypeError, match="backend='cpu' supports float32, bfloat16 and float16"):
         cross_attention(q, k, v, backend="cpu")
+
+
+def test_kernels_run_on_several_threads():
+    """at::parallel_for is a header template: built without OpenMP, the kernels ran on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.ops.fmn.cpu_threads_used(8) == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_threads_one_split_gradients_in_input_layout():
+    """2 threads, 4 heads: one dK/dV split per head, written straight into the gradients, which take
+    the inputs' (diffusers') layout, as torch.empty_like gives it, so that autograd copies nothing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        shape = (2, 2, 150, 77, 64)
+        check_against_oracle(shape, torch.float32, make_masks(2, 77))
+        q, k, v = make_inputs(*shape, torch.float32)
+        _, _, grads = run(cpu_fn, q, k, v, **make_masks(2, 77))
+        assert [g.stride() for g in grads] == [torch.empty_like(t).stride() for t in (q, k, v)]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_few_weighted_keys_over_two_key_blocks():
+    """The score and its gradient term are summed over the nonzero-weight keys only: a few weights,
+    in both 512-key blocks, one on a left-out key and one on a zeroed key."""
+    B, L = 2, 600
+    masks = make_masks(B, L)
+    weights = torch.zeros(B, L)
+    weights[:, [3, 4, 530]] = torch.tensor([1.0, 0.5, 2.0])
+    masks["key_mask"][0, 4] = False
+    masks["zero_mask"][1, 530] = True
+    masks["concept_weights"] = weights
+    check_against_oracle((B, 2, 70, L, 40), torch.float32, masks)

@@ -7,12 +7,16 @@
 // Backward, with dO and g = dLoss/dc:
 //   dp_ij = keep_j dO_i.v_j + 2 g_i w_j p_ij,  delta_i = dO_i.o_i + 2 g_i c_i,  ds_ij = p_ij (dp_ij - delta_i)
 //   dQ = scale dS K,  dK = scale dS^T Q,  dV = (P keep)^T dO.
-// Work is split over (batch, head, query block) tasks with at::parallel_for. Each task keeps one
-// [query block x key block] score tile in a per-thread buffer. In the backward a task owns a range
-// of query rows of one head and accumulates dK/dV for that head into its own fp32 slice of a
-// workspace, summed over the slices afterwards: no two threads write the same memory.
-// Matrix products go to the BLAS that PyTorch links (sgemm_, as ATen's own CPU kernels do); when
-// it is absent, or FMN_CPU_GEMM=portable is set, to plain loops.
+// The weights w are nonzero on a few keys (the concept's tokens): c_i and the 2 g_i w_j p_ij term are
+// summed over those keys only, gathered once per call.
+// Work is split over (batch, head, query block) tasks with at::parallel_for (which needs OpenMP at
+// compile time: see CMakeLists.txt). Each task keeps one [query block x key block] score tile in a
+// per-thread buffer; rows are vectorised with ATen's at::vec, the last partial vector masked.
+// In the backward a task owns a range of query rows of one head and accumulates dK/dV for that
+// head into its own fp32 slice (the first tile writes it, so nothing is zero-filled): no two
+// threads write the same memory. With one slice per head (the usual case) the slice is the
+// gradient itself, in its input's layout. Matrix products go to the BLAS that PyTorch links (sgemm_,
+// as ATen's own CPU kernels do); when it is absent, or FMN_CPU_GEMM=portable is set, to plain loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -38,17 +42,8 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Tile sizes (override with -DFMN_BLOCK_M=... for tuning). On 2 cores, fp32, rows per tile
-// 64 / 128 / 256 gave backward 614 / 549-690 / 480-632 ms at N=1024 L=4608 D=128 and 213 / 182 /
-// 235 ms at SD 2.1's N=4096 L=77 (loaded machine, noisy): 128 it is.
-#ifndef FMN_BLOCK_M
-#define FMN_BLOCK_M 128
-#endif
-#ifndef FMN_BLOCK_N
-#define FMN_BLOCK_N 512
-#endif
-constexpr int64_t kBlockM = FMN_BLOCK_M;  // query rows per tile
-constexpr int64_t kBlockN = FMN_BLOCK_N;  // keys per tile (SD's 77 text tokens: one tile)
+// Keys per tile: SD's 77 text tokens fit in one; long keys go through the online softmax.
+constexpr int64_t kBlockN = 512;
 
 bool use_blas() {
   const char* mode = std::getenv("FMN_CPU_GEMM");
@@ -95,61 +90,68 @@ void gemm(bool blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
   sgemm_(&tb, &ta, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
 }
 
-// ---- vectorised row helpers (x has n floats) ----
+// ---- vectorised rows: x[0, n) in steps of Vec::size(), the last step masked to what is left ----
 
-float row_max(const float* x, int64_t n) {
+constexpr int64_t kLanes = Vec::size();
+
+// Calls f(j, lanes) for j = 0, kLanes, ... < n; lanes = kLanes except on a shorter last step.
+template <typename F>
+inline void for_each_vec(int64_t n, F f) {
   int64_t j = 0;
-  float mx = kNegInf;
-  if (n >= Vec::size()) {
-    Vec vmax(kNegInf);
-    for (; j + Vec::size() <= n; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + j));
-    mx = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
-  }
-  for (; j < n; ++j) mx = std::max(mx, x[j]);
-  return mx;
+  for (; j + kLanes <= n; j += kLanes) f(j, kLanes);
+  if (j < n) f(j, n - j);
 }
 
-// x = exp(x - shift) in place; returns sum_j x_j and, when w is given, *wsq = sum_j w_j x_j^2.
-float exp_row(float* x, int64_t n, float shift, const float* w, float* wsq) {
-  int64_t j = 0;
-  Vec vsum(0.f), vwsq(0.f), vshift(shift);
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-#ifdef FMN_FAST_EXP
-    Vec e = (Vec::loadu(x + j) - vshift).exp_u20();
-#else
-    Vec e = (Vec::loadu(x + j) - vshift).exp();
-#endif
-    e.store(x + j);
-    vsum = vsum + e;
-    if (w) vwsq = at::vec::fmadd(Vec::loadu(w + j) * e, e, vwsq);
-  }
-  float sum = at::vec::vec_reduce_all<float>(std::plus<Vec>(), vsum);
-  float ws = w ? at::vec::vec_reduce_all<float>(std::plus<Vec>(), vwsq) : 0.f;
-  for (; j < n; ++j) {
-    x[j] = std::exp(x[j] - shift);
-    sum += x[j];
-    if (w) ws += w[j] * x[j] * x[j];
-  }
-  if (wsq) *wsq = ws;
-  return sum;
+inline Vec fast_exp(const Vec& x) {
+  // exp_u20 is what ATen's own CPU flash attention uses: an inline polynomial, 0 below ln(FLT_MIN)
+  // (so exp(-inf) = 0), several times cheaper than the Sleef call behind Vec::exp().
+  return x.exp_u20();
 }
 
-void add_row(float* x, const float* y, int64_t n) {
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) + Vec::loadu(y + j)).store(x + j);
-  for (; j < n; ++j) x[j] += y[j];
+inline float reduce_sum(const Vec& x) { return at::vec::vec_reduce_all<float>(std::plus<Vec>(), x); }
+
+// x += bias (when given) in place; returns max_j x_j.
+float add_bias_and_max(float* x, const float* bias, int64_t n) {
+  Vec vmax(kNegInf);
+  for_each_vec(n, [&](int64_t j, int64_t lanes) {
+    Vec xj = Vec::loadu(x + j, lanes);
+    if (bias) {
+      xj = xj + Vec::loadu(bias + j, lanes);
+      xj.store(x + j, lanes);
+    }
+    vmax = at::vec::maximum(vmax, Vec::set(Vec(kNegInf), xj, lanes));
+  });
+  return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
+}
+
+// x = exp(x - shift) in place; returns sum_j x_j. shift = +inf gives zeros.
+float exp_row(float* x, int64_t n, float shift) {
+  Vec vsum(0.f);
+  const Vec vshift(shift);
+  for_each_vec(n, [&](int64_t j, int64_t lanes) {
+    const Vec e = fast_exp(Vec::loadu(x + j, lanes) - vshift);
+    e.store(x + j, lanes);
+    vsum = vsum + Vec::set(Vec(0.f), e, lanes);
+  });
+  return reduce_sum(vsum);
 }
 
 void mul_row(float* x, const float* y, int64_t n) {
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * Vec::loadu(y + j)).store(x + j);
-  for (; j < n; ++j) x[j] *= y[j];
+  for_each_vec(n, [&](int64_t j, int64_t lanes) {
+    (Vec::loadu(x + j, lanes) * Vec::loadu(y + j, lanes)).store(x + j, lanes);
+  });
 }
 
 void scale_row(float* x, float a, int64_t n) {
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * Vec(a)).store(x + j);
-  for (; j < n; ++j) x[j] *= a;
+  for_each_vec(n, [&](int64_t j, int64_t lanes) { (Vec::loadu(x + j, lanes) * Vec(a)).store(x + j, lanes); });
+}
+
+float dot(const float* x, const float* y, int64_t n) {
+  Vec acc(0.f);
+  for_each_vec(n, [&](int64_t j, int64_t lanes) {
+    acc = at::vec::fmadd(Vec::loadu(x + j, lanes), Vec::loadu(y + j, lanes), acc);
+  });
+  return reduce_sum(acc);
 }
 
 // ---- loading rows as fp32 ----
@@ -168,36 +170,59 @@ const float* rows_as_float(const T* src, int64_t stride, int64_t rows, int64_t d
   }
 }
 
+// dst = factor x (x is overwritten when T is not float).
 template <typename T>
-void store_row(const float* x, float factor, T* dst, int64_t d) {
-  for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(x[c] * factor);
+void store_row(float* x, float factor, T* dst, int64_t d) {
+  if constexpr (std::is_same_v<T, float>) {
+    for_each_vec(d, [&](int64_t j, int64_t lanes) { (Vec::loadu(x + j, lanes) * Vec(factor)).store(dst + j, lanes); });
+  } else {
+    scale_row(x, factor, d);
+    at::vec::convert(x, dst, d);
+  }
 }
 
-// Per-key vectors of one (sample, key block): -inf for left-out keys, weights, kept factors.
+// A key with a nonzero concept weight. The weights are nonzero on a few keys (the concept's
+// tokens), so the score and its gradient term are computed over these keys only.
+struct WeightedKey {
+  int64_t j;  // key index within the block
+  float w;
+};
+
+// Per-key data of one (sample, key block).
 struct KeyBlock {
   const float* bias = nullptr;  // 0 or -inf, added to the scores
-  const float* w = nullptr;
-  const float* keep = nullptr;
+  const float* keep = nullptr;  // 1 - zero mask
+  std::vector<WeightedKey> weighted;
 };
 
 struct KeyVectors {
-  const float* w;      // [B, L] or null
-  const float* keep;   // [B, L] or null
-  at::Tensor bias;     // [B, L] 0 / -inf, undefined when every key is valid
+  std::vector<std::vector<WeightedKey>> weighted;  // per sample, j ascending; empty without weights
+  const float* keep;                               // [B, L] or null
+  at::Tensor bias;                                 // [B, L] 0 / -inf, undefined when every key is valid
   int64_t L;
-  KeyBlock block(int64_t b, int64_t j0) const {
-    KeyBlock kb;
-    if (bias.defined()) kb.bias = bias.data_ptr<float>() + b * L + j0;
-    if (w) kb.w = w + b * L + j0;
-    if (keep) kb.keep = keep + b * L + j0;
-    return kb;
+
+  // Fills kb for keys [j0, j0 + n) of sample b (kb is reused to keep its vector's storage).
+  void block(int64_t b, int64_t j0, int64_t n, KeyBlock& kb) const {
+    kb.bias = bias.defined() ? bias.data_ptr<float>() + b * L + j0 : nullptr;
+    kb.keep = keep ? keep + b * L + j0 : nullptr;
+    kb.weighted.clear();
+    if (weighted.empty()) return;
+    for (const WeightedKey& k : weighted[b])
+      if (k.j >= j0 && k.j < j0 + n) kb.weighted.push_back({k.j - j0, k.w});
   }
+  bool has_weights() const { return !weighted.empty(); }
 };
 
 KeyVectors key_vectors(const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& keep,
-                       const std::optional<at::Tensor>& valid, int64_t L) {
-  KeyVectors kv{nullptr, nullptr, at::Tensor(), L};
-  if (w) kv.w = w->data_ptr<float>();
+                       const std::optional<at::Tensor>& valid, int64_t B, int64_t L) {
+  KeyVectors kv{{}, nullptr, at::Tensor(), L};
+  if (w) {
+    const float* wp = w->data_ptr<float>();
+    kv.weighted.resize(B);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < L; ++j)
+        if (wp[b * L + j] != 0.f) kv.weighted[b].push_back({j, wp[b * L + j]});
+  }
   if (keep) kv.keep = keep->data_ptr<float>();
   if (valid) kv.bias = at::where(*valid != 0, 0.0f, kNegInf).to(at::kFloat).contiguous();
   return kv;
@@ -211,6 +236,12 @@ std::optional<at::Tensor> as_key_vector(const std::optional<at::Tensor>& t, cons
 }
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// An uninitialised tensor shaped and (where dense) laid out like t, last dim contiguous.
+at::Tensor empty_in_layout_of(const at::Tensor& t, at::ScalarType dtype) {
+  at::Tensor e = at::empty_like(t, t.options().dtype(dtype));
+  return e.stride(-1) == 1 ? e : at::empty(t.sizes(), t.options().dtype(dtype));
+}
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.device().is_cpu(), "fmn::concept_attention_cpu needs CPU tensors, got q on ", q.device());
@@ -237,32 +268,53 @@ void dispatch_dtype(at::ScalarType dtype, F f) {
 
 // ---- forward ----
 
+// Problem sizes and tiling: m query rows per tile; score tiles [m x min(L, kBlockN)] with row stride ld.
 struct Dims {
-  int64_t B, H, N, L, D;
+  int64_t B, H, N, L, D, m, ld;
+  int64_t qblocks() const { return (N + m - 1) / m; }
 };
 
-// Per-row running state of the online softmax for one query tile.
+// Rows per tile, as ATen's flash attention for long keys. Measured on one thread (fp32, fwd+bwd,
+// kernels only, loaded machine): at N=1024 L=4608 D=128, 128 / 256 rows took 1.10x / 0.99x SDPA's
+// time (matrix-product bound; each key block is packed once per 256 rows); at SD 2.1's L=77,
+// 64 / 128 / 256 rows took 0.94x / 0.86x / 0.77x in one run and 0.79x / 0.89x (128 / 256) in another.
+Dims make_dims(int64_t B, int64_t H, int64_t N, int64_t L, int64_t D) {
+  const int64_t m = L > kBlockN ? 256 : 128;
+  const int64_t ld = (std::min(std::max<int64_t>(L, 1), kBlockN) + 15) / 16 * 16;  // rows on 64-byte lines
+  return {B, H, N, L, D, m, ld};
+}
+
+// Per-thread state of the forward: the running statistics of one query tile's rows.
 struct RowState {
-  std::vector<float> max, sum, wsq, acc;  // acc: [rows, D]
-  explicit RowState(int64_t D) : max(kBlockM), sum(kBlockM), wsq(kBlockM), acc(kBlockM * D) {}
+  std::vector<float> max, sum, wsq, acc;  // acc: [rows, D], sum_j keep_j exp(s_ij - max_i) v_j
+  KeyBlock kb;
+  explicit RowState(const Dims& d) : max(d.m), sum(d.m), wsq(d.m), acc(d.m * d.D) {}
 };
 
-// Turns one tile of scores s[rows x n] (ld kBlockN) into kept probabilities and updates the state.
-void online_softmax_tile(float* s, int64_t rows, int64_t n, const KeyBlock& kb, RowState& st, int64_t D) {
-  for (int64_t i = 0; i < rows; ++i) {
-    float* s_i = s + i * kBlockN;
-    if (kb.bias) add_row(s_i, kb.bias, n);
-    const float new_max = std::max(st.max[i], row_max(s_i, n));
-    const float shift = new_max == kNegInf ? 0.f : new_max;  // every key so far left out: all p are 0
-    const float rescale = std::exp(st.max[i] - shift);
-    float wsq = 0.f;
-    const float sum = exp_row(s_i, n, shift, kb.w, kb.w ? &wsq : nullptr);
+// Turns row s[0, n) of a score tile into kept exp(s_j - max) and updates row i of the state.
+// first: the tile's first key block (nothing accumulated yet, acc is about to be overwritten).
+void online_softmax_row(float* s, int64_t n, int64_t i, bool first, const KeyBlock& kb, RowState& st, int64_t D) {
+  const float old_max = first ? kNegInf : st.max[i];
+  const float new_max = std::max(old_max, add_bias_and_max(s, kb.bias, n));
+  const float shift = new_max == kNegInf ? 0.f : new_max;  // every key so far left out: all p are 0
+  // Score terms over the weighted keys (few, usually): a sequential sum, hence in double.
+  double wsq = 0.0;
+  for (const WeightedKey& k : kb.weighted) {
+    const double e = std::exp(s[k.j] - shift);
+    wsq += k.w * e * e;
+  }
+  const float sum = exp_row(s, n, shift);
+  if (kb.keep) mul_row(s, kb.keep, n);
+  if (first) {
+    st.sum[i] = sum;
+    st.wsq[i] = wsq;
+  } else {
+    const float rescale = std::exp(old_max - shift);
     st.sum[i] = st.sum[i] * rescale + sum;
     st.wsq[i] = st.wsq[i] * rescale * rescale + wsq;
     if (rescale != 1.f) scale_row(st.acc.data() + i * D, rescale, D);
-    if (kb.keep) mul_row(s_i, kb.keep, n);
-    st.max[i] = new_max;
   }
+  st.max[i] = new_max;
 }
 
 template <typename T>
@@ -270,20 +322,22 @@ void forward_tile(const Dims& d, const KeyVectors& kvec, const T* q, const float
                   const int64_t* qs, const int64_t* ks, const int64_t* vs, float scale, bool blas,
                   int64_t b, int64_t h, int64_t i0, float* qbuf, float* sbuf, RowState& st,
                   T* out, const int64_t* os, float* score, float* lse) {
-  const int64_t rows = std::min(kBlockM, d.N - i0), D = d.D;
+  const int64_t rows = std::min(d.m, d.N - i0), D = d.D;
   int64_t ldq;
   const float* qp = rows_as_float(q + b * qs[0] + h * qs[1] + i0 * qs[2], qs[2], rows, D, qbuf, &ldq);
-  std::fill(st.max.begin(), st.max.end(), kNegInf);
-  std::fill(st.sum.begin(), st.sum.end(), 0.f);
-  std::fill(st.wsq.begin(), st.wsq.end(), 0.f);
-  std::fill(st.acc.begin(), st.acc.end(), 0.f);
+  if (d.L == 0) {  // no keys: o = 0, c = 0, lse = +inf, as with every key left out
+    std::fill(st.acc.begin(), st.acc.end(), 0.f);
+    std::fill(st.sum.begin(), st.sum.end(), 0.f);
+    std::fill(st.wsq.begin(), st.wsq.end(), 0.f);
+  }
   for (int64_t j0 = 0; j0 < d.L; j0 += kBlockN) {
     const int64_t n = std::min(kBlockN, d.L - j0);
     const float* kp = k + b * ks[0] + h * ks[1] + j0 * ks[2];
     const float* vp = v + b * vs[0] + h * vs[1] + j0 * vs[2];
-    gemm(blas, false, true, rows, n, D, scale, qp, ldq, kp, ks[2], 0.f, sbuf, kBlockN);
-    online_softmax_tile(sbuf, rows, n, kvec.block(b, j0), st, D);
-    gemm(blas, false, false, rows, D, n, 1.f, sbuf, kBlockN, vp, vs[2], 1.f, st.acc.data(), D);
+    gemm(blas, false, true, rows, n, D, scale, qp, ldq, kp, ks[2], 0.f, sbuf, d.ld);
+    kvec.block(b, j0, n, st.kb);
+    for (int64_t i = 0; i < rows; ++i) online_softmax_row(sbuf + i * d.ld, n, i, j0 == 0, st.kb, st, D);
+    gemm(blas, false, false, rows, D, n, 1.f, sbuf, d.ld, vp, vs[2], j0 == 0 ? 0.f : 1.f, st.acc.data(), D);
   }
   const int64_t row0 = (b * d.H + h) * d.N + i0;
   for (int64_t i = 0; i < rows; ++i) {
@@ -298,8 +352,8 @@ void forward_tile(const Dims& d, const KeyVectors& kvec, const T* q, const float
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k32, const at::Tensor& v32, const KeyVectors& kvec,
                   float scale, at::Tensor& out, at::Tensor& score, at::Tensor& lse) {
-  const Dims d{q.size(0), q.size(1), q.size(2), k32.size(2), q.size(3)};
-  const int64_t qblocks = (d.N + kBlockM - 1) / kBlockM;
+  const Dims d = make_dims(q.size(0), q.size(1), q.size(2), k32.size(2), q.size(3));
+  const int64_t qblocks = d.qblocks();
   const bool blas = use_blas();
   const T* qp = q.data_ptr<T>();
   const float *kp = k32.data_ptr<float>(), *vp = v32.data_ptr<float>();
@@ -311,10 +365,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k32, const at::Tensor& 
   const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
   at::parallel_for(0, d.B * d.H * qblocks, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single_threaded;
-    std::vector<float> qbuf(kBlockM * d.D), sbuf(kBlockM * kBlockN);
-    RowState st(d.D);
+    std::vector<float> qbuf(d.m * d.D), sbuf(d.m * d.ld);
+    RowState st(d);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / qblocks, i0 = (t % qblocks) * kBlockM;
+      const int64_t bh = t / qblocks, i0 = (t % qblocks) * d.m;
       forward_tile<T>(d, kvec, qp, kp, vp, qs, ks, vs, scale, blas, bh / d.H, bh % d.H, i0, qbuf.data(),
                       sbuf.data(), st, op, os, sp, lp);
     }
@@ -331,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concept_attention_cpu_fwd(
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k_in.size(2);
   const auto w = as_key_vector(weights, "weights", B, L), kp = as_key_vector(keep, "keep", B, L),
              vl = as_key_vector(valid, "valid", B, L);
-  const KeyVectors kvec = key_vectors(w, kp, vl, L);
+  const KeyVectors kvec = key_vectors(w, kp, vl, B, L);
   at::Tensor out = at::empty_like(q_in);
   at::Tensor score = at::empty({B, H, N}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
@@ -343,29 +397,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concept_attention_cpu_fwd(
 
 // ---- backward ----
 
-// One row of dS from dP (= dO_i . v_j, or 0 without dO) and P, in place in dp:
-// ds_j = p_j (keep_j dp_j + two_g w_j p_j - delta).
-void ds_row(float* dp, const float* p, const float* keep, const float* w, float two_g, float delta, int64_t n) {
-  int64_t j = 0;
-  const Vec vg(two_g), vdelta(delta);
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec pj = Vec::loadu(p + j);
-    Vec dpj = Vec::loadu(dp + j);
-    if (keep) dpj = dpj * Vec::loadu(keep + j);
-    if (w) dpj = at::vec::fmadd(vg * Vec::loadu(w + j), pj, dpj);
-    (pj * (dpj - vdelta)).store(dp + j);
-  }
-  for (; j < n; ++j) {
-    float dpj = keep ? dp[j] * keep[j] : dp[j];
-    if (w) dpj += two_g * w[j] * p[j];
-    dp[j] = p[j] * (dpj - delta);
-  }
-}
-
-float dot(const float* x, const float* y, int64_t n) {
-  float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) s += x[j] * y[j];
-  return s;
+// One row of a backward tile, in place. The scores s_j become p_j = exp(s_j + bias_j - lse), times
+// keep_j when there is a dO (for dV); dp_j = dO_i . v_j (0 without dO) becomes
+// ds_j = p_j (keep_j dp_j - delta) + two_g w_j p_j^2, the last term over the weighted keys only.
+void backward_row(float* s, float* dp, bool has_dout, const KeyBlock& kb, float lse, float delta, float two_g,
+                  int64_t n) {
+  const Vec vlse(lse), vdelta(delta);
+  for_each_vec(n, [&](int64_t j, int64_t lanes) {
+    Vec x = Vec::loadu(s + j, lanes);
+    if (kb.bias) x = x + Vec::loadu(kb.bias + j, lanes);
+    const Vec p = fast_exp(x - vlse);  // lse = +inf on rows with every key left out: p = 0
+    p.store(s + j, lanes);
+    Vec dpj = has_dout ? Vec::loadu(dp + j, lanes) : Vec(0.f);
+    if (kb.keep) dpj = dpj * Vec::loadu(kb.keep + j, lanes);
+    (p * (dpj - vdelta)).store(dp + j, lanes);
+  });
+  for (const WeightedKey& k : kb.weighted) dp[k.j] += two_g * k.w * s[k.j] * s[k.j];
+  if (has_dout && kb.keep) mul_row(s, kb.keep, n);
 }
 
 struct BwdTensors {
@@ -373,8 +421,8 @@ struct BwdTensors {
   const at::Tensor &q, &k32, &v32, &out, &score, &lse;
   const std::optional<at::Tensor>& dout;  // last dim contiguous
   const std::optional<at::Tensor>& dscore;  // fp32 contiguous [B, H, N]
-  at::Tensor& dq;     // contiguous [B, H, N, D]
-  at::Tensor& dk_ws;  // fp32 [splits, B, H, L, D], zeroed
+  at::Tensor& dq;     // [B, H, N, D], last dim contiguous
+  at::Tensor& dk_ws;  // fp32 [splits, B, H, L, D], last dim contiguous, written by each split's first tile
   at::Tensor& dv_ws;
   int64_t tiles_per_split;
 };
@@ -382,9 +430,10 @@ struct BwdTensors {
 // Per-thread scratch of the backward.
 struct BwdScratch {
   std::vector<float> q, dout, out, s, dp, dq, delta, two_g;
-  explicit BwdScratch(int64_t D)
-      : q(kBlockM * D), dout(kBlockM * D), out(kBlockM * D), s(kBlockM * kBlockN), dp(kBlockM * kBlockN),
-        dq(kBlockM * D), delta(kBlockM), two_g(kBlockM) {}
+  KeyBlock kb;
+  explicit BwdScratch(const Dims& d)
+      : q(d.m * d.D), dout(d.m * d.D), out(d.m * d.D), s(d.m * d.ld), dp(d.m * d.ld), dq(d.m * d.D), delta(d.m),
+        two_g(d.m) {}
 };
 
 // Row terms of one query tile: delta_i = dO_i . o_i + 2 g_i c_i and 2 g_i.
@@ -406,12 +455,13 @@ void tile_row_terms(const BwdTensors& a, int64_t b, int64_t h, int64_t i0, int64
   }
 }
 
-// dQ of one query tile (written to a.dq) and its share of dK, dV (added to this split's workspace).
+// dQ of one query tile (written to a.dq) and its share of dK, dV (added to this split's workspace,
+// or written there when first_tile: the workspace is not zeroed beforehand).
 template <typename T>
 void backward_tile(const BwdTensors& a, const KeyVectors& kvec, float scale, bool blas, int64_t b, int64_t h,
-                   int64_t split, int64_t i0, BwdScratch& sc) {
+                   int64_t split, int64_t i0, bool first_tile, BwdScratch& sc) {
   const Dims& d = a.d;
-  const int64_t rows = std::min(kBlockM, d.N - i0), D = d.D, row0 = (b * d.H + h) * d.N + i0;
+  const int64_t rows = std::min(d.m, d.N - i0), D = d.D, row0 = (b * d.H + h) * d.N + i0;
   int64_t ldq, lddo = 0;
   const T* qt = a.q.data_ptr<T>() + b * a.q.stride(0) + h * a.q.stride(1) + i0 * a.q.stride(2);
   const float* qp = rows_as_float(qt, a.q.stride(2), rows, D, sc.q.data(), &ldq);
@@ -423,46 +473,45 @@ void backward_tile(const BwdTensors& a, const KeyVectors& kvec, float scale, boo
   }
   tile_row_terms<T>(a, b, h, i0, rows, dop, lddo, sc);
   const float* lse = a.lse.data_ptr<float>() + row0;
-  const int64_t ws_off = ((split * d.B + b) * d.H + h) * d.L * D;
-  float *dk = a.dk_ws.data_ptr<float>() + ws_off, *dv = a.dv_ws.data_ptr<float>() + ws_off;
+  const auto slice = [&](const at::Tensor& ws) {
+    return ws.data_ptr<float>() + split * ws.stride(0) + b * ws.stride(1) + h * ws.stride(2);
+  };
+  float *dk = slice(a.dk_ws), *dv = slice(a.dv_ws);
+  const int64_t lddk = a.dk_ws.stride(3), lddv = a.dv_ws.stride(3);
+  const float beta_kv = first_tile ? 0.f : 1.f;
+  if (d.L == 0) std::fill(sc.dq.begin(), sc.dq.end(), 0.f);
   for (int64_t j0 = 0; j0 < d.L; j0 += kBlockN) {
     const int64_t n = std::min(kBlockN, d.L - j0);
-    const KeyBlock kb = kvec.block(b, j0);
+    kvec.block(b, j0, n, sc.kb);
     const float* kp = a.k32.data_ptr<float>() + b * a.k32.stride(0) + h * a.k32.stride(1) + j0 * a.k32.stride(2);
     const float* vp = a.v32.data_ptr<float>() + b * a.v32.stride(0) + h * a.v32.stride(1) + j0 * a.v32.stride(2);
     float *s = sc.s.data(), *dp = sc.dp.data();
-    gemm(blas, false, true, rows, n, D, scale, qp, ldq, kp, a.k32.stride(2), 0.f, s, kBlockN);
-    if (dop) gemm(blas, false, true, rows, n, D, 1.f, dop, lddo, vp, a.v32.stride(2), 0.f, dp, kBlockN);
-    for (int64_t i = 0; i < rows; ++i) {
-      float* s_i = s + i * kBlockN;
-      if (kb.bias) add_row(s_i, kb.bias, n);
-      exp_row(s_i, n, lse[i], nullptr, nullptr);  // p_ij; lse = +inf on rows with every key left out
-      if (!dop) std::fill(dp + i * kBlockN, dp + i * kBlockN + n, 0.f);
-      ds_row(dp + i * kBlockN, s_i, kb.keep, kb.w, sc.two_g[i], sc.delta[i], n);
-      if (dop && kb.keep) mul_row(s_i, kb.keep, n);
-    }
-    if (dop) gemm(blas, true, false, n, D, rows, 1.f, s, kBlockN, dop, lddo, 1.f, dv + j0 * D, D);
-    gemm(blas, true, false, n, D, rows, scale, dp, kBlockN, qp, ldq, 1.f, dk + j0 * D, D);
-    gemm(blas, false, false, rows, D, n, scale, dp, kBlockN, kp, a.k32.stride(2), j0 == 0 ? 0.f : 1.f,
+    gemm(blas, false, true, rows, n, D, scale, qp, ldq, kp, a.k32.stride(2), 0.f, s, d.ld);
+    if (dop) gemm(blas, false, true, rows, n, D, 1.f, dop, lddo, vp, a.v32.stride(2), 0.f, dp, d.ld);
+    for (int64_t i = 0; i < rows; ++i)
+      backward_row(s + i * d.ld, dp + i * d.ld, dop != nullptr, sc.kb, lse[i], sc.delta[i], sc.two_g[i], n);
+    if (dop) gemm(blas, true, false, n, D, rows, 1.f, s, d.ld, dop, lddo, beta_kv, dv + j0 * lddv, lddv);
+    gemm(blas, true, false, n, D, rows, scale, dp, d.ld, qp, ldq, beta_kv, dk + j0 * lddk, lddk);
+    gemm(blas, false, false, rows, D, n, scale, dp, d.ld, kp, a.k32.stride(2), j0 == 0 ? 0.f : 1.f,
          sc.dq.data(), D);
   }
-  T* dq = a.dq.data_ptr<T>() + row0 * D;
-  for (int64_t i = 0; i < rows; ++i) store_row(sc.dq.data() + i * D, 1.f, dq + i * D, D);
+  T* dq = a.dq.data_ptr<T>() + b * a.dq.stride(0) + h * a.dq.stride(1) + i0 * a.dq.stride(2);
+  for (int64_t i = 0; i < rows; ++i) store_row(sc.dq.data() + i * D, 1.f, dq + i * a.dq.stride(2), D);
 }
 
 template <typename T>
 void backward_impl(const BwdTensors& a, const KeyVectors& kvec, float scale) {
   const Dims& d = a.d;
-  const int64_t qblocks = (d.N + kBlockM - 1) / kBlockM, splits = a.dk_ws.size(0);
+  const int64_t qblocks = d.qblocks(), splits = a.dk_ws.size(0);
   const bool blas = use_blas();
   at::parallel_for(0, d.B * d.H * splits, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single_threaded;
-    BwdScratch sc(d.D);
+    BwdScratch sc(d);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / splits, split = t % splits;
       const int64_t first = split * a.tiles_per_split, last = std::min(qblocks, first + a.tiles_per_split);
       for (int64_t tile = first; tile < last; ++tile)
-        backward_tile<T>(a, kvec, scale, blas, bh / d.H, bh % d.H, split, tile * kBlockM, sc);
+        backward_tile<T>(a, kvec, scale, blas, bh / d.H, bh % d.H, split, tile * d.m, tile == first, sc);
     }
   });
 }
@@ -471,6 +520,10 @@ void backward_impl(const BwdTensors& a, const KeyVectors& kvec, float scale) {
 // ([B, H, L, D]), so take the fewest that keep the threads at least 80% busy.
 int64_t dkdv_splits(int64_t heads, int64_t qblocks, int64_t* tiles_per_split) {
   const int64_t threads = at::get_num_threads();
+  if (qblocks == 0) {
+    *tiles_per_split = 1;
+    return 1;
+  }
   int64_t wanted = 1;
   for (; wanted < qblocks; ++wanted) {
     const int64_t tasks = heads * wanted, waves = (tasks + threads - 1) / threads;
@@ -492,20 +545,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concept_attention_cpu_bwd(
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k_in.size(2), D = q.size(3);
   const auto w = as_key_vector(weights, "weights", B, L), kp = as_key_vector(keep, "keep", B, L),
              vl = as_key_vector(valid, "valid", B, L);
-  const KeyVectors kvec = key_vectors(w, kp, vl, L);
+  const KeyVectors kvec = key_vectors(w, kp, vl, B, L);
   std::optional<at::Tensor> dout, dscore;
   if (dout_in) dout = last_dim_contiguous(dout_in->to(q.scalar_type()));
   if (dscore_in && w) dscore = dscore_in->to(at::kFloat).contiguous();
   int64_t tiles_per_split;
-  const int64_t splits = dkdv_splits(B * H, (N + kBlockM - 1) / kBlockM, &tiles_per_split);
-  at::Tensor dq = at::empty({B, H, N, D}, q.options());
-  at::Tensor dk_ws = at::zeros({splits, B, H, L, D}, q.options().dtype(at::kFloat));
-  at::Tensor dv_ws = at::zeros({splits, B, H, L, D}, q.options().dtype(at::kFloat));
-  BwdTensors a{{B, H, N, L, D}, q, k32, v32, out, score, lse, dout, dscore, dq, dk_ws, dv_ws, tiles_per_split};
+  const Dims dims = make_dims(B, H, N, L, D);
+  const int64_t splits = dkdv_splits(B * H, dims.qblocks(), &tiles_per_split);
+  // The gradients take their input's memory layout (diffusers' [B, seq, H, D] viewed as [B, H, seq, D]),
+  // so autograd neither copies them into that layout nor before the projections' backward.
+  at::Tensor dq = empty_in_layout_of(q, q.scalar_type());
+  // Each split's first tile writes its dK/dV slice (dV only with a dO): zero only what nothing writes.
+  // One split in fp32: the slice is the gradient itself, in its input's layout.
+  const bool direct = splits == 1 && q.scalar_type() == at::kFloat;
+  const auto workspace = [&](const at::Tensor& like, bool written) {
+    if (direct) {
+      at::Tensor g = empty_in_layout_of(like, at::kFloat);
+      return (written ? g : g.zero_()).unsqueeze(0);
+    }
+    const auto options = q.options().dtype(at::kFloat);
+    return written ? at::empty({splits, B, H, L, D}, options) : at::zeros({splits, B, H, L, D}, options);
+  };
+  at::Tensor dk_ws = workspace(k_in, N > 0), dv_ws = workspace(v_in, N > 0 && dout.has_value());
+  BwdTensors a{dims, q, k32, v32, out, score, lse, dout, dscore, dq, dk_ws, dv_ws, tiles_per_split};
   dispatch_dtype(q.scalar_type(), [&](auto tag) { backward_impl<decltype(tag)>(a, kvec, static_cast<float>(scale)); });
-  at::Tensor dk = (splits == 1 ? dk_ws[0] : dk_ws.sum(0)).to(q.scalar_type());
-  at::Tensor dv = (splits == 1 ? dv_ws[0] : dv_ws.sum(0)).to(q.scalar_type());
+  const auto gradient = [&](const at::Tensor& ws, const at::Tensor& like) {
+    if (direct) return ws[0];
+    return empty_in_layout_of(like, q.scalar_type()).copy_(splits == 1 ? ws[0] : ws.sum(0));
+  };
+  at::Tensor dk = gradient(dk_ws, k_in), dv = gradient(dv_ws, v_in);
   return {dq, dk, dv};
+}
+
+// How many threads at::parallel_for runs `tasks` tasks on inside this library: a check of the build
+// (without OpenMP at compile time it is always 1, whatever torch.get_num_threads() says).
+int64_t cpu_threads_used(int64_t tasks) {
+  std::vector<char> used(at::get_num_threads(), 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { used[at::get_thread_num()] = 1; });
+  return std::count(used.begin(), used.end(), 1);
 }
 
 }  // namespace
@@ -517,6 +594,7 @@ TORCH_LIBRARY_FRAGMENT(fmn, m) {
   m.def("concept_attention_cpu_bwd(Tensor? dout, Tensor? dscore, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor score, Tensor lse, Tensor? weights, Tensor? keep, Tensor? valid, float scale) "
         "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("cpu_threads_used(int tasks) -> int", &fmn_cpu::cpu_threads_used);
 }
 
 TORCH_LIBRARY_IMPL(fmn, CPU, m) {

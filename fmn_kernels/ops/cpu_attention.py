@@ -5,7 +5,7 @@ The kernels (fmn_kernels/csrc/cross_attention_cpu.cpp, built by the top-level CM
 loads that library, gives the ops their autograd formula and fake (shape-only) implementations, so
 they work under torch.compile, and wraps them for `cross_attention(..., backend="cpu")`.
 Same math as the Triton kernels (see fmn_kernels/ops/cross_attention.py); nothing of size N x L is
-kept, only a [64 x 512] score tile per thread.
+kept, only a [128 or 256 x up to 512] score tile per thread.
 """
 import glob
 import os
