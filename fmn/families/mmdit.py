@@ -49,6 +49,15 @@ LORA_TARGETS = list(patch_check.MMDIT_LORA_TARGETS)
 N_TRAIN_TIMESTEPS = 1000
 
 
+def builtin_text_length(pipe) -> int | None:
+    """The built-in toy-mmdit's T5 length (fmn.toy.paths.TOY_MMDIT_TEXT_LENGTH), None for other pipelines."""
+    try:
+        from fmn.toy.paths import TOY_MMDIT_TEXT_LENGTH, is_built_in
+    except ImportError:  # an install without the toy models
+        return None
+    return TOY_MMDIT_TEXT_LENGTH if is_built_in(pipe, "toy-mmdit") else None
+
+
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, h, w] -> FLUX's [B, h/2 * w/2, 4C] (FluxPipeline's 2x2 packing)."""
     b, c, h, w = latents.shape
@@ -79,7 +88,7 @@ class MMDiTFamily(ModelFamily):
     def __init__(self, pipe, max_sequence_length: int | None = None):
         super().__init__(pipe)
         self.kind = mmdit_family(pipe)
-        self.text_length = max_sequence_length or pipeline_max_sequence_length(pipe)
+        self.text_length = max_sequence_length or builtin_text_length(pipe) or pipeline_max_sequence_length(pipe)
         self._schedules = {}
 
     @classmethod
@@ -213,6 +222,10 @@ class MMDiTFamily(ModelFamily):
         sample = getattr(self.denoiser.config, "sample_size", None) if not self.is_flux else None
         sample = sample or getattr(self.pipe, "default_sample_size", 128)
         return int(sample) * self.pipe.vae_scale_factor
+
+    def pipeline_kwargs(self):
+        """The T5 length the family encodes with, so that drawn images match training."""
+        return {"max_sequence_length": self.text_length}
 
     def pipeline_latents(self, latents, resolution):
         """FluxPipeline's output_type="latent" gives packed [B, N, 4C]: unpacked to [B, C, h, w]."""
