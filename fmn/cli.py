@@ -487,11 +487,20 @@ def _toy_defaults_note() -> str:
         return ""
     d = FORGET_DEFAULTS
     return (f"The defaults shown are the paper's, for --model (SD3 / FLUX.1: with the pipeline's own guidance "
-            f"scale). On the built-in toy model (no --model, or --model {default_model_path()}) unset options "
+            f"scale). On the built-in toy model (no --model, --model toy, or --model {default_model_path()}) unset options "
             f"take its tuned values, as fmn.forget does there: {ANCHOR_STEPS['shape']} steps per shape "
             f"({ANCHOR_STEPS['color']} per colour) with an anchor, lr {d['lr']}, {d['n_images']} reference images "
             f"of {d['gen_steps']} steps, retain weight {d['retain_weight']}, "
-            f"its caption forms as templates (fmn/toy/defaults.py).")
+            f"its caption forms as templates (fmn/toy/defaults.py). On --model toy-mmdit, its own the same way: "
+            + _toy_mmdit_defaults_note())
+
+
+def _toy_mmdit_defaults_note() -> str:
+    from fmn.toy.mmdit_defaults import ANCHOR_STEPS, FORGET_DEFAULTS
+    d = FORGET_DEFAULTS
+    return (f"{ANCHOR_STEPS['shape']} steps per shape ({ANCHOR_STEPS['color']} per colour) with an anchor, "
+            f"lr {d['lr']}, retain weight "
+            f"{d['retain_weight']} on {d['retain_samples']} samples (fmn/toy/mmdit_defaults.py).")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -235,6 +235,18 @@ class MMDiTFamily(ModelFamily):
         return unpack_latents(latents, side, side)
 
     def default_options(self, concepts, given=None) -> dict:
-        """The pipeline's own guidance scale for the reference images (FLUX.1: 3.5; SD3: 7.0)."""
+        """The pipeline's own guidance scale for the reference images (FLUX.1: 3.5; SD3: 7.0); on the built-in
+        toy-mmdit (fmn.toy.paths.is_built_in), its tuned defaults (fmn.toy.mmdit_defaults.forget_defaults),
+        picked as the UNet family picks the built-in toy's: given anchor "" / [] gives them without an anchor,
+        given train="lora" keeps the LoRA learning rate."""
+        if builtin_text_length(self.pipe) is not None:
+            from fmn.toy.mmdit_defaults import forget_defaults
+            given = given or {}
+            anchor = given.get("anchor")
+            anchored = anchor is None or bool(anchor.strip() if isinstance(anchor, str) else anchor)
+            opts = forget_defaults(concepts, anchor=anchored)
+            if given.get("train") == "lora":
+                opts.pop("lr", None)
+            return opts
         return {"guidance_scale": float(inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"]
                                         .default)}
