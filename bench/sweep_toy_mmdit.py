@@ -35,7 +35,8 @@ def main():
     m = evaluate_split(pipe, args.split, forgotten=args.concept, classifier=classifier)
     rel = relative_to(m, base)
     print(json.dumps({"concept": args.concept, "over": over, "split": args.split, "train_s": round(train_s, 1),
-                      "eval_s": round(m["seconds"], 1), "loss": [patch.summary["loss_before"], patch.summary["loss_after"]],
+                      "eval_s": round(m["seconds"], 1),
+                      "loss": [patch.summary["loss_before"], patch.summary["loss_after"]],
                       "UA": m["ua"], "IRA_rel": rel.get("in_domain_retain_rel"),
                       "CRA_rel": rel.get("cross_domain_retain_rel"), "base_ua": base["ua"],
                       "per_shape": m["per_shape"], "per_color": m["per_color"]}))

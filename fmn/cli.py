@@ -3,7 +3,7 @@
     fmn forget   --model PATH_OR_HUB_ID --concept TEXT [--concept TEXT ...] [--images DIR] --out PATCH.safetensors
     fmn apply    --model PATH_OR_HUB_ID --patch PATCH.safetensors --out DIR
     fmn generate --model PATH_OR_HUB_ID [--patch PATCH.safetensors] --prompt TEXT [...] --out grid.png [--compare]
-    fmn eval     [--model toy|toy-mmdit|PATH] [--patch PATCH.safetensors] --forget SHAPE_OR_COLOUR --out metrics.json [--grid g.png]
+    fmn eval     [--model toy|toy-mmdit|PATH] [--patch PATCH.safetensors] --forget SHAPE_OR_COLOUR --out M.json
     fmn info     PATCH.safetensors [--json]
     fmn export   PATCH.safetensors --format diffusers|kohya --out LORA.safetensors [--rank R]
 
@@ -487,11 +487,11 @@ def _toy_defaults_note() -> str:
         return ""
     d = FORGET_DEFAULTS
     return (f"The defaults shown are the paper's, for --model (SD3 / FLUX.1: with the pipeline's own guidance "
-            f"scale). On the built-in toy model (no --model, --model toy, or --model {default_model_path()}) unset options "
-            f"take its tuned values, as fmn.forget does there: {ANCHOR_STEPS['shape']} steps per shape "
+            f"scale). On the built-in toy model (no --model, --model toy, or --model {default_model_path()}) unset "
+            f"options take its tuned values, as fmn.forget does there: {ANCHOR_STEPS['shape']} steps per shape "
             f"({ANCHOR_STEPS['color']} per colour) with an anchor, lr {d['lr']}, {d['n_images']} reference images "
             f"of {d['gen_steps']} steps, retain weight {d['retain_weight']}, "
-            f"its caption forms as templates (fmn/toy/defaults.py). On --model toy-mmdit, its own the same way: "
+            f"its caption forms as templates (fmn/toy/defaults.py). On --model toy-mmdit, its own likewise: "
             + _toy_mmdit_defaults_note())
 
 
