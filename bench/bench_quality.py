@@ -25,6 +25,10 @@ parallel (--tasks/--methods/--out) and be joined with --merge PART.json ... (--o
 
     python bench/bench_quality.py --all [--tasks ...] [--methods ...] [--out part.json]
     python bench/bench_quality.py --merge part1.json part2.json
+
+--model toy-mmdit: the built-in MM-DiT toy model with its defaults (fmn/toy/mmdit_defaults.py); ESD-x is
+UNet-only (fmn.baselines.esd), so --all compares base, negative prompt, suppress and fmn
+(default --out quality_all_toy_mmdit_cpu.json).
 """
 import argparse
 import copy
@@ -39,8 +43,9 @@ from common import RESULTS, machine_info, print_table, write_json_atomic  # noqa
 
 import fmn  # noqa: E402
 from fmn.baselines import esd  # noqa: E402
-from fmn.toy import (COLORS, SHAPES, SPLITS, evaluate, evaluate_split, load_classifier, load_default_pipeline,  # noqa: E402
-                     prompt_set, relative_to, save_grid, score)
+from fmn.toy import (COLORS, MODELS, SHAPES, SPLITS, evaluate, evaluate_split, load_classifier,  # noqa: E402
+                     load_default_pipeline, load_pipeline, prompt_set, relative_to, save_grid, score)
+from fmn.toy import mmdit_defaults  # noqa: E402
 from fmn.toy.defaults import FORGET_DEFAULTS, forget_defaults  # noqa: E402
 
 FMN_VARIANTS = ["fmn attention / attn2", "fmn attention / attn2, no anchor",
@@ -57,7 +62,17 @@ def methods(quick, first_task, anchored):
     return names + [n for n in fmn_names if anchored or "no anchor" not in n]
 
 
-def make_model(name, base, concepts, esd_lr, lora_lr, seed=0):
+def load_base(model):
+    """The built-in "toy" / "toy-mmdit" by name, or a folder of the "toy" kind (default: the shipped "toy")."""
+    return load_pipeline(model) if model in MODELS else load_default_pipeline(path=model)
+
+
+def defaults_for(model):
+    """The forget_defaults(concepts, anchor=...) function of the model's kind."""
+    return mmdit_defaults.forget_defaults if model == "toy-mmdit" else forget_defaults
+
+
+def make_model(name, base, concepts, esd_lr, lora_lr, seed=0, defaults=forget_defaults):
     """(pipeline to evaluate, extra evaluate() kwargs, context manager, training seconds)."""
     from contextlib import nullcontext
     if name == "base":
@@ -69,7 +84,8 @@ def make_model(name, base, concepts, esd_lr, lora_lr, seed=0):
     pipe = copy.deepcopy(base)
     start = time.perf_counter()
     drops = name.split(", ")[1:]
-    opts = dict(forget_defaults(concepts, anchor="no anchor" not in drops and name != "esd-x"), seed=seed)
+    opts = dict(defaults(concepts, anchor="no anchor" not in drops and name != "esd-x"), seed=seed)
+    default_train = opts.pop("train", "attn2")  # the model's trainable set, for its defaults' row
     if name == "esd-x":
         # ESD's prompts name the concept alone (its paper: the concept's name): the templates that name no
         # other shape or colour (ESD on "a red {}" learns to steer away from red too: CRA 0.0 on "circle");
@@ -84,6 +100,8 @@ def make_model(name, base, concepts, esd_lr, lora_lr, seed=0):
         esd(pipe, concepts, latents, prompts=prompts, steps=opts["steps"], lr=esd_lr, train="attn2", seed=seed)
     else:
         loss, train = name.removeprefix("fmn ").split(", ")[0].split(" / ")
+        if name == ALL_METHODS[-1]:
+            train = default_train
         kw = dict(opts, lr=lora_lr) if train == "lora" else dict(opts)
         if "no retain" in drops:
             kw.pop("retain", None)  # with "no anchor": the paper's method as is
@@ -100,11 +118,12 @@ def run_all(args):
     """--all: every concept alone and four multi-concept tasks on the held-out split (seeds and caption forms
     the defaults were not tuned on; forgetting seed --forget-seed), rows written to --out as they come."""
     torch.set_num_threads(args.threads)
-    base = load_default_pipeline(path=args.model)
+    base = load_base(args.model)
+    defaults = defaults_for(args.model)
     classifier = load_classifier()
     from fmn.runtime import accelerator
     accelerator()
-    methods = args.methods or ALL_METHODS
+    methods = args.methods or [m for m in ALL_METHODS if m != "esd-x" or args.model != "toy-mmdit"]
     # the base model's images, scored anew per task; without "base" among the methods (a part run in parallel
     # with one that has it) the retains relative to base are filled in by --merge
     ref = evaluate_split(base, args.split, classifier=classifier, return_images=True) if "base" in methods else None
@@ -118,7 +137,7 @@ def run_all(args):
                 m, train_s = dict(base_m, seconds=ref["seconds"]), 0.0
             else:
                 pipe, eval_kw, context, train_s = make_model(name, base, concepts, args.esd_lr, args.lora_lr,
-                                                             seed=args.forget_seed)
+                                                             seed=args.forget_seed, defaults=defaults)
                 with context:
                     m = evaluate_split(pipe, args.split, forgotten=concepts, classifier=classifier, **eval_kw)
             rel = relative_to(m, base_m) if base_m else {}
@@ -133,9 +152,11 @@ def run_all(args):
 
 
 def all_payload(args, rows):
-    return {"benchmark": "forgetting quality on the built-in toy model, every concept, held-out split",
+    return {"benchmark": f"forgetting quality on the built-in {args.model or 'toy'} model, every concept, "
+                         f"{args.split} split", "model": args.model or "toy",
             "machine": machine_info(), "split": args.split, "groups": [[f, list(s)] for f, s in SPLITS[args.split]],
-            "forget_seed": args.forget_seed, "forget_options": {t: forget_defaults(t.split("+")) for t in ALL_TASKS},
+            "forget_seed": args.forget_seed,
+            "forget_options": {t: defaults_for(args.model)(t.split("+")) for t in ALL_TASKS},
             "esd_lr": args.esd_lr, "rows": rows, "summary": summarise(rows)}
 
 
@@ -172,11 +193,11 @@ def merge_all(paths, out):
     payload = dict(parts[0], rows=rows, summary=summarise(rows), machine=[p["machine"] for p in parts])
     write_json_atomic(out, payload)
     print_table(rows + payload["summary"], COLUMNS)
-    plot_all(rows, out.with_suffix(".png"))
+    plot_all(rows, out.with_suffix(".png"), parts[0].get("model", "toy"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
-def plot_all(rows, path):
+def plot_all(rows, path, model="toy"):
     """UA, in-domain and cross-domain retain (of base) per task, one bar per method, the 0.95 bar drawn."""
     import matplotlib
     matplotlib.use("Agg")
@@ -195,7 +216,7 @@ def plot_all(rows, path):
         ax.set_ylim(0, 1.05)
     axes[0].legend(ncol=len(methods), fontsize=8, loc="lower left")
     axes[-1].set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks, rotation=30, ha="right")
-    fig.suptitle("toy model, held-out seeds and caption forms")
+    fig.suptitle(f"{model} model, held-out seeds and caption forms")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -206,7 +227,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="2 seeds, one task, fmn default only")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default 4; 2 with --quick)")
     parser.add_argument("--tasks", nargs="+", default=None, help="e.g. circle circle+square red")
-    parser.add_argument("--model", default=None, help="toy pipeline folder (default: the shipped one)")
+    parser.add_argument("--model", default=None, help="'toy', 'toy-mmdit' (--all only) or a folder of the 'toy' kind "
+                                                       "(default: the shipped 'toy')")
     parser.add_argument("--esd-lr", type=float, default=2e-3,
                         help="ESD-x learning rate (its paper: 1e-5 on SD). On the toy model, 'circle', 150 steps, its "
                              "4 concept-only templates, 2 seeds: 2e-3 UA 0.3 (IRA 0.98, CRA 1.00 of base); 4e-3 UA 0.6 "
@@ -222,8 +244,10 @@ def main():
     parser.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS, help="--all: a subset")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, help="merge --all parts into --out, plot")
     args = parser.parse_args()
+    if args.model == "toy-mmdit" and not (args.all or args.merge):
+        parser.error("--model toy-mmdit runs with --all (its fmn variants and ESD-x are not wired in the default mode)")
     if (args.merge or args.all) and args.out == RESULTS / "quality_cpu.json":
-        args.out = RESULTS / "quality_all_cpu.json"
+        args.out = RESULTS / ("quality_all_toy_mmdit_cpu.json" if args.model == "toy-mmdit" else "quality_all_cpu.json")
     if args.merge:
         return merge_all(args.merge, args.out)
     if args.all:
@@ -232,7 +256,7 @@ def main():
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds or (2 if args.quick else 4)))
     tasks = [t.split("+") for t in (args.tasks or (["circle"] if args.quick else ["circle", "circle+square", "red"]))]
-    base = load_default_pipeline(path=args.model)
+    base = load_base(args.model)
     classifier = load_classifier()
     from fmn.runtime import accelerator
     accelerator()  # accelerate's one-time import and set-up: in no method's time

@@ -3,11 +3,12 @@
     fmn forget   --model PATH_OR_HUB_ID --concept TEXT [--concept TEXT ...] [--images DIR] --out PATCH.safetensors
     fmn apply    --model PATH_OR_HUB_ID --patch PATCH.safetensors --out DIR
     fmn generate --model PATH_OR_HUB_ID [--patch PATCH.safetensors] --prompt TEXT [...] --out grid.png [--compare]
-    fmn eval     [--model TOY] [--patch PATCH.safetensors] --forget SHAPE_OR_COLOUR --out metrics.json [--grid g.png]
+    fmn eval     [--model toy|toy-mmdit|PATH] [--patch PATCH.safetensors] --forget SHAPE_OR_COLOUR --out M.json
     fmn info     PATCH.safetensors [--json]
     fmn export   PATCH.safetensors --format diffusers|kohya --out LORA.safetensors [--rank R]
 
-Without --model the built-in toy model (fmn.toy) is used. Exit status: 0 done, 1 the run failed
+Without --model the built-in toy model (fmn.toy) is used; --model toy names it, --model toy-mmdit the
+built-in MM-DiT (SD3-structured) toy model. Exit status: 0 done, 1 the run failed
 (e.g. a non-finite loss), 2 bad input (one line "fmn: error: ..."; --debug shows the traceback),
 130 interrupted. Outputs are checked before any work starts and written together at the end:
 nothing is written unless the command completes, and an existing output is refused without --force.
@@ -64,10 +65,47 @@ def _device(name):
     return dev
 
 
+def _built_in_name(model) -> str | None:
+    """The built-in toy model that `model` names ("toy", "toy-mmdit"; None: the default "toy"), or None
+    for a folder or hub id. A folder that happens to be called "toy" is reached as ./toy."""
+    if model is None:
+        return "toy"
+    try:
+        from fmn.toy.paths import MODELS
+    except ImportError:
+        return None
+    return model if model in MODELS else None
+
+
+def _load_built_in(name, precision, device):
+    """A built-in toy pipeline through fmn.toy.load_pipeline, with the CLI's errors."""
+    try:
+        from fmn.toy import load_pipeline as load_toy
+        from fmn.toy import model_path
+    except ImportError as e:
+        raise CLIError(f"--model {name}: the built-in toy models are not available in this install ({e})") from None
+    if not (Path(model_path(name)) / "model_index.json").is_file():
+        raise CLIError(f"--model {name}: the built-in model is missing from this install ({model_path(name)}); "
+                       "pass --model PATH_OR_HUB_ID")
+    pipe = load_toy(name, device=_device(device), dtype=PRECISIONS[precision])
+    pipe.set_progress_bar_config(disable=False)  # as any other model's (fmn.toy turns it off)
+    return pipe
+
+
+def model_label(model) -> str:
+    """How a patch and an eval record name the model: "fmn-toy", "fmn-toy-mmdit", or the path / hub id."""
+    name = _built_in_name(model)
+    return f"fmn-{name}" if name else model
+
+
 def load_pipeline(model, precision="fp32", *, for_training=False, device=None):
-    """A diffusers pipeline from a folder or hub id, with clear errors."""
+    """A diffusers pipeline from a folder or hub id, with clear errors; None, "toy" or "toy-mmdit": the
+    built-in toy model of that name (fmn.toy.load_pipeline)."""
     from diffusers import DiffusionPipeline
-    model = model or _default_model()
+    if model is None:
+        _default_model()  # its clear error in an install without the toy model
+    if _built_in_name(model):
+        return _load_built_in(_built_in_name(model), precision, device)
     path = Path(model).expanduser()
     looks_local = path.exists() or model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1
     if looks_local:
@@ -164,7 +202,7 @@ def cmd_forget(a):
         precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, backend=a.backend,
         inversion=a.inversion, inversion_steps=a.inversion_steps, inversion_tokens=a.inversion_tokens,
         patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
-        progress=not a.quiet, base_model=a.model or "fmn-toy")
+        progress=not a.quiet, base_model=model_label(a.model))
     given = {k: v for k, v in given.items() if v is not None}
     try:
         ForgetOptions(**given)  # checked before the (slow) pipeline load
@@ -206,7 +244,7 @@ def _anchor_arg(values):
 
 def _retain_prompts(a) -> list:
     """For the built-in toy model: prompts the forgetting should leave alone, for the grid."""
-    if a.model is not None:
+    if _built_in_name(a.model) is None:
         return []
     from fmn.toy import SHAPES
     concepts = {c.lower() for c in a.concept}
@@ -231,7 +269,9 @@ def _images(pipe, prompts, n, steps, guidance_scale, seed, resolution, quiet=Tru
     """n images per prompt, image i of every prompt from seed + i."""
     import torch
     from tqdm.auto import tqdm
+    from fmn.families import family_for
     kw = {"height": resolution, "width": resolution} if resolution else {}
+    kw.update(family_for(pipe).pipeline_kwargs())  # the built-in toy-mmdit: its short T5 length
     images = []
     for prompt in tqdm(prompts, desc=desc, unit="prompt", disable=quiet or len(prompts) < 2, leave=False):
         gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
@@ -314,7 +354,7 @@ def cmd_eval(a):
     classifier = load_classifier()
     kw = dict(forgotten=a.forget, seeds=seeds, classifier=classifier, return_images=bool(a.grid),
               num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
-    results = {"model": a.model or "fmn-toy", "patch": a.patch, "seeds": seeds}
+    results = {"model": model_label(a.model), "patch": a.patch, "seeds": seeds}
     # diffusers' own bar shows each batch's denoising steps (a minute or more on a CPU)
     pipe.set_progress_bar_config(disable=a.quiet, desc="eval: base", leave=False)
     base = evaluate(pipe, **kw)
@@ -447,11 +487,20 @@ def _toy_defaults_note() -> str:
         return ""
     d = FORGET_DEFAULTS
     return (f"The defaults shown are the paper's, for --model (SD3 / FLUX.1: with the pipeline's own guidance "
-            f"scale). On the built-in toy model (no --model, or --model {default_model_path()}) unset options "
-            f"take its tuned values, as fmn.forget does there: {ANCHOR_STEPS['shape']} steps per shape "
+            f"scale). On the built-in toy model (no --model, --model toy, or --model {default_model_path()}) unset "
+            f"options take its tuned values, as fmn.forget does there: {ANCHOR_STEPS['shape']} steps per shape "
             f"({ANCHOR_STEPS['color']} per colour) with an anchor, lr {d['lr']}, {d['n_images']} reference images "
             f"of {d['gen_steps']} steps, retain weight {d['retain_weight']}, "
-            f"its caption forms as templates (fmn/toy/defaults.py).")
+            f"its caption forms as templates (fmn/toy/defaults.py). On --model toy-mmdit, its own likewise: "
+            + _toy_mmdit_defaults_note())
+
+
+def _toy_mmdit_defaults_note() -> str:
+    from fmn.toy.mmdit_defaults import ANCHOR_STEPS, FORGET_DEFAULTS
+    d = FORGET_DEFAULTS
+    return (f"{ANCHOR_STEPS['shape']} steps per shape ({ANCHOR_STEPS['color']} per colour) with an anchor, "
+            f"lr {d['lr']}, retain weight "
+            f"{d['retain_weight']} on {d['retain_samples']} samples (fmn/toy/mmdit_defaults.py).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL, SD3, FLUX.1); "
-                             "default: the built-in toy model"):
+    def common(p, model_help="diffusers pipeline folder or hub id (SD 1.x, 2.x, SDXL, SD3, FLUX.1), or a built-in toy "
+                             "model: 'toy' (UNet, the default) or 'toy-mmdit' (SD3-structured)"):
         p.add_argument("--model", default=None, help=model_help)
         p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                        help="weights/compute precision (default fp32)")

@@ -115,7 +115,7 @@ def generate_latents(family, prompts, seeds, resolution, opts, device, suppresse
     pipe = family.pipe
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     kw = dict(prompt=prompts, num_inference_steps=opts.gen_steps, guidance_scale=opts.guidance_scale,
-              height=resolution, width=resolution, generator=gens, output_type="latent")
+              height=resolution, width=resolution, generator=gens, output_type="latent", **family.pipeline_kwargs())
     old = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     # the pipeline's own bar over its denoising steps: drawing references is most of a short run
     pipe.set_progress_bar_config(disable=not opts.progress, leave=False,

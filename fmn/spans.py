@@ -183,7 +183,7 @@ def mmdit_text_mask(pipe, prompts, concepts, *, prompt_2=None, prompt_3=None, ma
                     missing="raise") -> torch.Tensor:
     """[B, text_len] bool mask of the concept's columns in an MM-DiT pipeline's joint text sequence.
 
-    SD3 (a pipeline with tokenizer_3): CLIP-L (`prompts`) and CLIP-G (`prompt_2`, default the
+    SD3 (tokenizer_3 may be None: no T5, zero columns): CLIP-L (`prompts`) and CLIP-G (`prompt_2`, default the
     prompts) are concatenated along features, so both map onto the same 77 columns (their union),
     then T5's columns (`prompt_3`, default the prompts) follow: text_len = 77 + max_sequence_length.
     FLUX (a FluxTransformer2DModel pipeline): the sequence is T5's alone (`prompt_2`, default the
@@ -222,6 +222,8 @@ def _joint_text_columns(pipe, family, texts, concept, length):
                                missing="ignore")
     clip |= concept_offset_mask(pipe.tokenizer_2, prompts_2, concept, max_length=pipe.tokenizer_2.model_max_length,
                                 missing="ignore")
+    if getattr(pipe, "tokenizer_3", None) is None:  # SD3 without T5: its columns are zeros the pipeline appends
+        return torch.cat([clip, clip.new_zeros(len(prompts), length)], dim=1)
     t5 = concept_offset_mask(pipe.tokenizer_3, prompts_3, concept, max_length=length, missing="ignore")
     return torch.cat([clip, t5], dim=1)
 
@@ -230,8 +232,8 @@ def mmdit_family(pipe) -> str:
     """"sd3" or "flux" for an MM-DiT pipeline, from its components; TypeError otherwise."""
     transformer = getattr(pipe, "transformer", None)
     kind = type(transformer).__name__
-    if kind == "SD3Transformer2DModel" and getattr(pipe, "tokenizer_3", None) is not None:
-        return "sd3"
+    if kind == "SD3Transformer2DModel" and getattr(pipe, "tokenizer", None) is not None:
+        return "sd3"  # with or without T5 (text_encoder_3=None: the pipeline appends zeros in its place)
     if kind == "FluxTransformer2DModel" and getattr(pipe, "tokenizer_2", None) is not None:
         return "flux"
     raise TypeError(f"expected a StableDiffusion3Pipeline or FluxPipeline (with its tokenizers), got "

@@ -146,6 +146,11 @@ class ModelFamily(ABC):
         `fmn forget` both ask here, so the two paths train with the same options."""
         return {}
 
+    def pipeline_kwargs(self) -> dict:
+        """Keyword arguments for `self.pipe(...)` that make it encode prompts as encode_prompts does
+        (none by default; MM-DiT: its T5 length)."""
+        return {}
+
     def pipeline_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
         """The pipeline's output_type="latent" images in the denoiser's latent space, shaped like
         VAE-encoded reference images (identity by default; FLUX unpacks its 2x2-packed latents)."""

@@ -49,6 +49,15 @@ LORA_TARGETS = list(patch_check.MMDIT_LORA_TARGETS)
 N_TRAIN_TIMESTEPS = 1000
 
 
+def builtin_text_length(pipe) -> int | None:
+    """The built-in toy-mmdit's T5 length (fmn.toy.paths.TOY_MMDIT_TEXT_LENGTH), None for other pipelines."""
+    try:
+        from fmn.toy.paths import TOY_MMDIT_TEXT_LENGTH, is_built_in
+    except ImportError:  # an install without the toy models
+        return None
+    return TOY_MMDIT_TEXT_LENGTH if is_built_in(pipe, "toy-mmdit") else None
+
+
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, h, w] -> FLUX's [B, h/2 * w/2, 4C] (FluxPipeline's 2x2 packing)."""
     b, c, h, w = latents.shape
@@ -79,7 +88,7 @@ class MMDiTFamily(ModelFamily):
     def __init__(self, pipe, max_sequence_length: int | None = None):
         super().__init__(pipe)
         self.kind = mmdit_family(pipe)
-        self.text_length = max_sequence_length or pipeline_max_sequence_length(pipe)
+        self.text_length = max_sequence_length or builtin_text_length(pipe) or pipeline_max_sequence_length(pipe)
         self._schedules = {}
 
     @classmethod
@@ -214,6 +223,10 @@ class MMDiTFamily(ModelFamily):
         sample = sample or getattr(self.pipe, "default_sample_size", 128)
         return int(sample) * self.pipe.vae_scale_factor
 
+    def pipeline_kwargs(self):
+        """The T5 length the family encodes with, so that drawn images match training."""
+        return {"max_sequence_length": self.text_length}
+
     def pipeline_latents(self, latents, resolution):
         """FluxPipeline's output_type="latent" gives packed [B, N, 4C]: unpacked to [B, C, h, w]."""
         if latents.dim() != 3:
@@ -222,6 +235,18 @@ class MMDiTFamily(ModelFamily):
         return unpack_latents(latents, side, side)
 
     def default_options(self, concepts, given=None) -> dict:
-        """The pipeline's own guidance scale for the reference images (FLUX.1: 3.5; SD3: 7.0)."""
+        """The pipeline's own guidance scale for the reference images (FLUX.1: 3.5; SD3: 7.0); on the built-in
+        toy-mmdit (fmn.toy.paths.is_built_in), its tuned defaults (fmn.toy.mmdit_defaults.forget_defaults),
+        picked as the UNet family picks the built-in toy's: given anchor "" / [] gives them without an anchor,
+        given train="lora" keeps the LoRA learning rate."""
+        if builtin_text_length(self.pipe) is not None:
+            from fmn.toy.mmdit_defaults import forget_defaults
+            given = given or {}
+            anchor = given.get("anchor")
+            anchored = anchor is None or bool(anchor.strip() if isinstance(anchor, str) else anchor)
+            opts = forget_defaults(concepts, anchor=anchored)
+            if given.get("train") == "lora":
+                opts.pop("lr", None)
+            return opts
         return {"guidance_scale": float(inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"]
                                         .default)}

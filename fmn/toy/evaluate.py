@@ -162,8 +162,10 @@ def generate(pipe, prompts_spec=None, seeds: Iterable[int] = DEFAULT_SEEDS, nega
     Each image has its own torch.Generator seeded with its seed, so an image depends only on its
     prompt and seed, not on batching. Extra keyword arguments go to the pipeline call.
     """
+    from fmn.families import family_for
     specs = _as_specs(prompts_spec)
     seeds = list(seeds)
+    pipe_kwargs = {**family_for(pipe).pipeline_kwargs(), **pipe_kwargs}  # toy-mmdit: its T5 length
     jobs = [(sp, sd) for sp in specs for sd in seeds]
     device = getattr(pipe, "_execution_device", None) or pipe.device
     out = []
