@@ -127,7 +127,8 @@ def run_all(args):
                          "UA": m["ua"], "IRA": m["in_domain_retain"], "CRA": m["cross_domain_retain"],
                          "IRA_rel": rel.get("in_domain_retain_rel"), "CRA_rel": rel.get("cross_domain_retain_rel"),
                          "train_s": train_s, "eval_s": m["seconds"], "n_images": m["n_images"],
-                         "per_concept": m["per_concept"], "load_1min": os.getloadavg()[0]})
+                         "per_concept": m["per_concept"], "per_shape": m["per_shape"], "per_color": m["per_color"],
+                         "load_1min": os.getloadavg()[0]})
             print_table(rows[-1:], COLUMNS)
             write_json_atomic(args.out, all_payload(args, rows))
     return rows
