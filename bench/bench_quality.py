@@ -32,6 +32,7 @@ UNet-only (fmn.baselines.esd), so --all compares base, negative prompt, suppress
 """
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -145,7 +146,8 @@ def run_all(args):
                          "UA": m["ua"], "IRA": m["in_domain_retain"], "CRA": m["cross_domain_retain"],
                          "IRA_rel": rel.get("in_domain_retain_rel"), "CRA_rel": rel.get("cross_domain_retain_rel"),
                          "train_s": train_s, "eval_s": m["seconds"], "n_images": m["n_images"],
-                         "per_concept": m["per_concept"]})
+                         "per_concept": m["per_concept"], "per_shape": m["per_shape"], "per_color": m["per_color"],
+                         "load_1min": os.getloadavg()[0]})
             print_table(rows[-1:], COLUMNS)
             write_json_atomic(args.out, all_payload(args, rows))
     return rows
@@ -157,7 +159,15 @@ def all_payload(args, rows):
             "machine": machine_info(), "split": args.split, "groups": [[f, list(s)] for f, s in SPLITS[args.split]],
             "forget_seed": args.forget_seed,
             "forget_options": {t: defaults_for(args.model)(t.split("+")) for t in ALL_TASKS},
-            "esd_lr": args.esd_lr, "rows": rows, "summary": summarise(rows)}
+            "esd_lr": args.esd_lr, "rows": rows, "summary": summarise(rows), "missing": missing(rows)}
+
+
+def missing(rows):
+    """The task / method pairs of the full table (ALL_TASKS x ALL_METHODS) that have no row: a file with any
+    is partial."""
+    have = {(r["task"], r["method"]) for r in rows}
+    names = ["fmn" if m == ALL_METHODS[-1] else m for m in ALL_METHODS]
+    return [f"{t} / {m}" for t in ALL_TASKS for m in names if (t, m) not in have]
 
 
 def summarise(rows):
@@ -190,11 +200,13 @@ def merge_all(paths, out):
         b = base.get(r["task"])
         if r.get("IRA_rel") is None and b and r["IRA"] is not None and b["IRA"]:
             r["IRA_rel"], r["CRA_rel"] = r["IRA"] / b["IRA"], r["CRA"] / b["CRA"]
-    payload = dict(parts[0], rows=rows, summary=summarise(rows), machine=[p["machine"] for p in parts])
+    payload = dict(parts[0], rows=rows, summary=summarise(rows), machine=[p["machine"] for p in parts],
+                   missing=missing(rows))
     write_json_atomic(out, payload)
     print_table(rows + payload["summary"], COLUMNS)
     plot_all(rows, out.with_suffix(".png"), parts[0].get("model", "toy"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"wrote {out} and {out.with_suffix('.png')}" + (f"; PARTIAL, missing {len(payload['missing'])} rows"
+                                                           if payload["missing"] else ""))
 
 
 def plot_all(rows, path, model="toy"):

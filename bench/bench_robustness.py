@@ -13,6 +13,7 @@ Writes bench/results/robustness_cpu.json (rows as they come).
 """
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ def main():
                    "attack": rb.shown_rate(inv["pipe"], concept, classifier), "train_s": train_s,
                    "inversion_loss": [sum(inv["losses"][:20]) / 20, sum(inv["losses"][-20:]) / 20]}
             row["robust_s"] = time.perf_counter() - t0
+            row["load_1min"] = os.getloadavg()[0]
             if not args.no_eval:
                 m = evaluate_split(pipe, "held-out", forgotten=concept, classifier=classifier)
                 if name == "base":

@@ -30,6 +30,8 @@ RULES = {
     "ed6c2e5": {},
     "wide-retain": {"retain_samples": 128, "retain_weight": 16.0},
     "own-images": {"retain_samples": 128, "retain_weight": 16.0, "retain_images": 4},
+    "anchor-32": {"anchor_weight": 32.0},
+    "shape-steps-150": {"steps": 150},  # for one shape only (a colour's default is 200)
 }
 KEEP = ("ua", "shape_acc", "color_acc", "in_domain_retain", "cross_domain_retain", "per_shape", "per_color",
         "per_concept", "n_images")
@@ -91,12 +93,12 @@ def summary(path, split):
         shape = dom == "shape"
         per, other = (base["per_shape"], base["color_acc"]) if shape else (base["per_color"], base["shape_acc"])
         bi = sum(v for k, v in per.items() if k != c) / (len(per) - 1)
-        by_rule.setdefault(x["rule"], []).append((c, m["ua"], m["in_domain_retain"] / bi,
+        by_rule.setdefault(x["rule"], []).append((f"{c} s{x.get('seed', 0)}", m["ua"], m["in_domain_retain"] / bi,
                                                   m["cross_domain_retain"] / other))
     for rule, rows in by_rule.items():
         print(rule)
         for r in rows:
-            print(f"  {r[0]:9s} UA {r[1]:.2f}  IRA {r[2]:.2f}  CRA {r[3]:.2f}")
+            print(f"  {r[0]:12s} UA {r[1]:.2f}  IRA {r[2]:.2f}  CRA {r[3]:.2f}")
         for i, k in ((1, "UA"), (2, "IRA"), (3, "CRA")):
             v = [r[i] for r in rows]
             print(f"  {k}: min {min(v):.2f} mean {sum(v) / len(v):.2f} (n={len(v)})")
