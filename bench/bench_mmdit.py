@@ -23,14 +23,13 @@ B*H*N_joint^2 values) is printed and stored alongside.
 """
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_unet import measure_peak, timed_ms  # noqa: E402
+from bench_unet import alternating_times, measure_peak, memory_method, plot, result_rows  # noqa: E402
 from common import RESULTS, device_tag, machine_info, print_table, write_json_atomic  # noqa: E402
 
 from diffusers import FluxTransformer2DModel  # noqa: E402
@@ -151,13 +150,9 @@ def main():
     for variant, call in calls.items():
         model.zero_grad(set_to_none=True)
         measured[variant] = measure_peak(call, device)
-    times = {variant: [] for variant in calls}
-    for round_ in range(repeats):
-        for variant in (list(calls) if round_ % 2 == 0 else list(calls)[::-1]):
-            times[variant].append(timed_ms(calls[variant], device))
+    times = alternating_times(calls, device, repeats)
     load_end = os.getloadavg()
-    rows = [{"variant": v, "ms_median": statistics.median(times[v]), "ms_all": times[v], "peak_extra_mib": extra,
-             "peak_total_mib": total, "loss": loss} for v, (loss, extra, total) in measured.items()]
+    rows = result_rows(measured, times)
     print_table(rows, ["variant", "ms_median", "peak_extra_mib", "peak_total_mib", "loss"])
     rel = abs(rows[0]["loss"] - rows[1]["loss"]) / abs(rows[1]["loss"])
     print(f"attention loss relative difference fused vs materialising: {rel:.2e}")
@@ -175,8 +170,7 @@ def main():
         "resolution": args.resolution, "image_tokens": image_tokens, "text_tokens": args.text_len,
         "joint_tokens": joint, "trainable": "text-side add_k_proj/add_v_proj of the double-stream blocks",
         "concept_columns": CONCEPT_COLUMNS, "repeats": repeats,
-        "memory_method": ("torch.cuda.max_memory_allocated after reset_peak_memory_stats" if device.type == "cuda"
-                          else "VmHWM after /proc/self/clear_refs reset and malloc_trim; extra = VmHWM - VmRSS before"),
+        "memory_method": memory_method(device),
         "load_average_1_5_15min": {"start": load_start, "end": load_end},
         "results": rows, "loss_relative_difference": rel, "layers_measured": layers,
         "full_size_memory_model_bf16_batch1": full,
@@ -187,27 +181,8 @@ def main():
                            "(see the memory model). CPU times vary with the machine's load (see load_average).")
     write_json_atomic(out, payload)
     plot(rows, out.with_suffix(".png"), f"FLUX.1-dev blocks {args.double}+{args.single}, {args.resolution} px, "
-                                        f"{joint} joint tokens, {args.dtype}, {tag}")
+                                        f"{joint} joint tokens, {args.dtype}, {tag}", width=9)
     print(f"wrote {out} and {out.with_suffix('.png').name}")
-
-
-def plot(rows, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["variant"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, label in ((axes[0], "ms_median", "time per step (ms)"),
-                           (axes[1], "peak_extra_mib", "peak memory above weights (MiB)")):
-        bars = ax.bar(names, [r[key] for r in rows], color=["tab:green", "tab:gray", "tab:blue"])
-        ax.bar_label(bars, fmt="%.0f")
-        ax.set_ylabel(label)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

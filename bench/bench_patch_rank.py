@@ -1,22 +1,24 @@
 """Low-rank patches: forgetting quality on the built-in toy model against the rank, and the size
 of an SD 2.1 attn2 patch at each rank.
 
-One fmn run with the toy defaults forgets a concept ("circle"); its fp16 delta patch is compressed
-(fmn.compress) at fixed ranks and at automatic ranks from relative error bounds, and each variant
-is evaluated like `fmn eval` (5 shapes x 5 colours, classifier): UA, in-domain and cross-domain
-retain. Seeds are split: the rank is CHOSEN on the tune seeds (the smallest fixed rank whose
-three figures all lie within 0.02 of the uncompressed patch's there) and REPORTED on the report
-seeds, which play no part in the choice.
+One fmn run with the toy defaults forgets a concept ("circle"; forgetting seed 1, the held-out
+convention of bench_quality.py); its fp16 delta patch is compressed (fmn.compress) at fixed ranks
+and at automatic ranks from relative error bounds, and each variant is evaluated like `fmn eval`
+(5 shapes x 5 colours, classifier): UA, in-domain and cross-domain retain, on the two named splits
+of fmn.toy.evaluate.SPLITS. The rank is CHOSEN on the tuning split (the smallest fixed rank whose
+three figures all lie within 0.02 of the uncompressed patch's there) and REPORTED on the held-out
+split (other seeds and caption forms: 2 x 25 prompts), which plays no part in the choice.
 
 The SD 2.1 sizes are computed from the UNet config (bench/common.py: SD21_BASE_UNET), built on
 the meta device: per attn2 weight [out, in] a rank-r pair holds r * (out + in) values, biases
 stay whole, all in fp16.
 
-    python bench/bench_patch_rank.py [--concept circle] [--tune-seeds 0 1] [--report-seeds 2 3]
+    OMP_NUM_THREADS=1 python bench/bench_patch_rank.py [--concept circle] [--ranks 1 2 4 8 16] [--no-base]
 Writes bench/results/patch_rank.json and patch_rank.png.
 """
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ from common import RESULTS, SD21_BASE_UNET, machine_info, print_table, write_jso
 
 import fmn  # noqa: E402
 from fmn.compress import compress  # noqa: E402
-from fmn.toy import evaluate, load_classifier, load_default_pipeline  # noqa: E402
+from fmn.toy import SPLITS, evaluate_split, load_classifier, load_default_pipeline  # noqa: E402
 from fmn.toy.defaults import forget_defaults  # noqa: E402
 
 RANKS = [1, 2, 4, 8, 16]
@@ -49,9 +51,10 @@ def sd21_attn2_bytes(ranks) -> dict:
     return out
 
 
-def measure(pipe, concept, seeds, classifier):
-    m = evaluate(pipe, forgotten=[concept], seeds=seeds, classifier=classifier)
-    return {"UA": m["ua"], "IRA": m["in_domain_retain"], "CRA": m["cross_domain_retain"], "eval_s": m["seconds"]}
+def measure(pipe, concept, split, classifier):
+    m = evaluate_split(pipe, split, forgotten=[concept], classifier=classifier)
+    return {"UA": m["ua"], "IRA": m["in_domain_retain"], "CRA": m["cross_domain_retain"], "eval_s": m["seconds"],
+            "n_images": m["n_images"]}
 
 
 def plot(rows, path):
@@ -66,7 +69,7 @@ def plot(rows, path):
         ax.axhline(full["report"][key], color=colour, ls=":", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank (dotted: uncompressed patch)")
-    ax.set_ylabel("report seeds")
+    ax.set_ylabel("held-out split")
     ax.set_ylim(-0.02, 1.05)
     ax.set_title("toy model: forgetting quality of a rank-r patch")
     ax.legend(loc="lower right")
@@ -77,20 +80,22 @@ def plot(rows, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default="circle")
-    parser.add_argument("--tune-seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--report-seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--tune-split", default="tuning", choices=list(SPLITS))
+    parser.add_argument("--report-split", default="held-out", choices=list(SPLITS))
+    parser.add_argument("--seed", type=int, default=1, help="forgetting seed (the tuning of the defaults used 0)")
     parser.add_argument("--ranks", type=int, nargs="+", default=RANKS)
-    parser.add_argument("--rel-errors", type=float, nargs="+", default=REL_ERRORS)
+    parser.add_argument("--rel-errors", type=float, nargs="*", default=REL_ERRORS)
     parser.add_argument("--no-base", action="store_true", help="skip the base model's row")
     parser.add_argument("--out", type=Path, default=RESULTS / "patch_rank.json")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    if set(args.tune_seeds) & set(args.report_seeds):
-        parser.error("--tune-seeds and --report-seeds must not overlap")
+    if args.tune_split == args.report_split:
+        parser.error("--tune-split and --report-split must differ")
     torch.set_num_threads(args.threads)
+    args.load_start = os.getloadavg()
     base, classifier = load_default_pipeline(), load_classifier()
     t0 = time.perf_counter()
-    options = forget_defaults([args.concept])
+    options = dict(forget_defaults([args.concept]), seed=args.seed)
     patch = fmn.forget(base, [args.concept], progress=False, **options)
     train_s = time.perf_counter() - t0
     sizes = sd21_attn2_bytes(RANKS + [32, 48, 64])
@@ -108,8 +113,9 @@ def main():
         ranks = [v["rank"] for v in comp.get("per_tensor", {}).values() if v["rank"]]
         row = {"variant": name, "rank": rank, "rel_error_bound": err, "toy_bytes": small.nbytes if small else 0,
                "max_rel_error": comp.get("max_rel_error"), "ranks_used": [min(ranks), max(ranks)] if ranks else None,
-               "tune": measure(pipe, args.concept, args.tune_seeds, classifier),
-               "report": measure(pipe, args.concept, args.report_seeds, classifier)}
+               "tune": measure(pipe, args.concept, args.tune_split, classifier),
+               "report": measure(pipe, args.concept, args.report_split, classifier),
+               "load_average_1min_after": os.getloadavg()[0]}
         if rank:
             row["sd21_attn2_bytes"] = sizes[rank]
         rows.append(row)
@@ -134,9 +140,13 @@ def write_result(args, options, train_s, sizes, rows):
     result = {
         "benchmark": "low-rank patches: toy forgetting quality and SD 2.1 attn2 patch size against rank",
         "machine": machine_info(), "concept": args.concept, "forget_options": options, "train_s": train_s,
-        "tune_seeds": args.tune_seeds, "report_seeds": args.report_seeds, "tolerance": TOLERANCE,
-        "rule": "chosen rank = smallest fixed rank whose UA, IRA, CRA on the tune seeds are all within the "
-                "tolerance of the uncompressed patch's; its report-seed figures are the ones to quote",
+        "tune_split": [args.tune_split, [[f, list(s)] for f, s in SPLITS[args.tune_split]]],
+        "report_split": [args.report_split, [[f, list(s)] for f, s in SPLITS[args.report_split]]],
+        "tolerance": TOLERANCE, "threads": args.threads,
+        "load_average_1_5_15min": {"start": args.load_start, "end": os.getloadavg()},
+        "load_note": "2-core machine shared with other jobs; eval_s and train_s are wall times under that load",
+        "rule": "chosen rank = smallest fixed rank whose UA, IRA, CRA on the tuning split are all within the "
+                "tolerance of the uncompressed patch's; its held-out figures are the ones to quote",
         "chosen_rank": chosen, "sd21_attn2_bytes": {str(k): v for k, v in sizes.items()},
         "rows": rows,
     }

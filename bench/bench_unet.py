@@ -103,6 +103,27 @@ def timed_ms(fn, device):
     return (time.perf_counter() - start) * 1e3
 
 
+def alternating_times(calls, device, repeats):
+    """{variant: [ms per call]}: rounds alternate the variants (and their order) so that load from
+    other processes on a shared machine hits all alike."""
+    times = {variant: [] for variant in calls}
+    for round_ in range(repeats):
+        for variant in (list(calls) if round_ % 2 == 0 else list(calls)[::-1]):
+            times[variant].append(timed_ms(calls[variant], device))
+    return times
+
+
+def result_rows(measured, times):
+    """One row per variant: median and all times, peak memory above the weights and in total, loss."""
+    return [{"variant": v, "ms_median": statistics.median(times[v]), "ms_all": times[v], "peak_extra_mib": extra,
+             "peak_total_mib": total, "loss": loss} for v, (loss, extra, total) in measured.items()]
+
+
+def memory_method(device):
+    return ("torch.cuda.max_memory_allocated after reset_peak_memory_stats" if device.type == "cuda"
+            else "VmHWM after /proc/self/clear_refs reset and malloc_trim; extra = VmHWM - VmRSS before")
+
+
 def layer_shapes(unet, batch):
     """[B, H, N, L, D] of every cross-attention layer, N at the 64x64 latent."""
     shapes = []
@@ -160,18 +181,10 @@ def main():
     for _ in range(warmup - 1):
         for call in calls.values():
             call()
-    # Rounds alternate the variants (and their order) so that load from other processes on a
-    # shared machine hits both alike.
-    times = {variant: [] for variant in calls}
-    for round_ in range(repeats):
-        for variant in (list(calls) if round_ % 2 == 0 else list(calls)[::-1]):
-            times[variant].append(timed_ms(calls[variant], device))
+    times = alternating_times(calls, device, repeats)
     unet.zero_grad(set_to_none=True)
     load_end = os.getloadavg()
-    rows = []
-    for variant, (loss, extra, total) in measured.items():
-        rows.append({"variant": variant, "ms_median": statistics.median(times[variant]), "ms_all": times[variant],
-                     "peak_extra_mib": extra, "peak_total_mib": total, "loss": loss})
+    rows = result_rows(measured, times)
 
     print_table(rows, ["variant", "ms_median", "peak_extra_mib", "peak_total_mib", "loss"])
     rel = abs(rows[0]["loss"] - rows[1]["loss"]) / abs(rows[1]["loss"])
@@ -187,8 +200,7 @@ def main():
                    "concept": CONCEPT, "concept_columns": torch.nonzero(mask[0]).flatten().tolist()},
         "cross_attention_layers": shapes, "probabilities_per_call": n_probs,
         "warmup": warmup, "repeats": repeats,
-        "memory_method": ("torch.cuda.max_memory_allocated after reset_peak_memory_stats" if device.type == "cuda"
-                          else "VmHWM after /proc/self/clear_refs reset and malloc_trim; extra = VmHWM - VmRSS before"),
+        "memory_method": memory_method(device),
         "load_average_1_5_15min": {"start": load_start, "end": load_end},
         "results": rows, "loss_relative_difference": rel,
     }
@@ -202,18 +214,18 @@ def main():
     print(f"wrote {out} and {out.with_suffix('.png').name}")
 
 
-def plot(rows, path, title):
+def plot(rows, path, title, width=8):
+    """Bars of time per step and peak memory per variant (green fused, grey materialising, blue SDPA)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r["variant"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(width, 3.5))
     for ax, key, label in ((axes[0], "ms_median", "time per step (ms)"),
                            (axes[1], "peak_extra_mib", "peak memory above weights (MiB)")):
-        values = [r[key] for r in rows]
-        bars = ax.bar(names, values, color=["tab:green", "tab:gray"])
+        bars = ax.bar(names, [r[key] for r in rows], color=["tab:green", "tab:gray", "tab:blue"][:len(rows)])
         ax.bar_label(bars, fmt="%.0f")
         ax.set_ylabel(label)
     fig.suptitle(title, fontsize=10)

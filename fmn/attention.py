@@ -245,25 +245,25 @@ def cross_attention_layers(unet_or_pipe) -> list[tuple[str, Attention]]:
     return layers
 
 
-class FusedAttention:
-    """Handle of installed fused processors; `remove()` (or leaving the `with`) puts back the
-    original processor objects."""
+class ProcessorSwap:
+    """Processors installed on attention layers, the originals kept: `processors`; `remove()` (or
+    leaving the `with`) puts back the original processor objects. Shared by the UNet's and the
+    MM-DiT handles."""
 
-    def __init__(self, unet_or_pipe, backend="auto"):
-        check_backend(backend)
-        layers = cross_attention_layers(unet_or_pipe)
+    def __init__(self, layers, allowed, make_processor):
+        """layers [(name, module)]; every layer's processor class must be named in `allowed` (the
+        ones the fused processor reproduces); make_processor(name) -> the processor to install."""
         for name, module in layers:
             kind = type(module.processor).__name__
-            if kind not in _PLAIN_PROCESSORS:
+            if kind not in allowed:
                 raise ValueError(f"layer {name!r} uses {kind}, which fmn's fused processor does not reproduce; "
-                                 f"expected one of {sorted(_PLAIN_PROCESSORS)}")
+                                 f"expected one of {sorted(allowed)}")
         self._originals = [(module, module.processor) for _, module in layers]
-        self.context = AttentionContext()
         for name, module in layers:
-            module.set_processor(FusedCrossAttnProcessor(name, backend, self.context))
+            module.set_processor(make_processor(name))
 
     @property
-    def processors(self) -> list[FusedCrossAttnProcessor]:
+    def processors(self) -> list:
         return [module.processor for module, _ in self._originals]
 
     def remove(self):
@@ -276,6 +276,16 @@ class FusedAttention:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+class FusedAttention(ProcessorSwap):
+    """Handle of installed fused processors (`context`: their shared AttentionContext)."""
+
+    def __init__(self, unet_or_pipe, backend="auto"):
+        check_backend(backend)
+        self.context = AttentionContext()
+        super().__init__(cross_attention_layers(unet_or_pipe), _PLAIN_PROCESSORS,
+                         lambda name: FusedCrossAttnProcessor(name, backend, self.context))
 
 
 def use_fused_attention(unet_or_pipe, *, backend="auto") -> FusedAttention:
@@ -325,14 +335,16 @@ def _context_set(unet_or_pipe, backend, **settings):
             handle.remove()
 
 
-def _checked_mask(name, mask, allow_float, unet):
+def checked_mask(name, mask, allow_float, device, layout="[B, 77]", order="batch-major"):
+    """A user's [B, columns] mask on `device`, after checking its type, rank and dtype (shared with
+    fmn.mmdit_attention, whose masks cover the joint text columns)."""
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [B, 77], got {type(mask).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(mask).__name__}")
     if mask.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [B, 77] (batch-major), got shape {list(mask.shape)}")
+        raise ValueError(f"{name} must be 2-D {layout} ({order}), got shape {list(mask.shape)}")
     if mask.dtype != torch.bool and not (allow_float and mask.is_floating_point()):
         raise TypeError(f"{name} must be {'bool or floating point' if allow_float else 'bool'}, got {mask.dtype}")
-    return mask.to(unet.device)
+    return mask.to(device)
 
 
 @contextmanager
@@ -343,7 +355,7 @@ def concept_scores(unet_or_pipe, concept_weights, *, backend="auto"):
     will get (for a guidance batch, see fmn.spans.with_guidance). Yields a `ConceptScores`:
     `.scores`, `.layers`, `.loss()` (= forgetting_loss(scores)), `.clear()`.
     """
-    weights = _checked_mask("concept_weights", concept_weights, True, _unet_of(unet_or_pipe))
+    weights = checked_mask("concept_weights", concept_weights, True, _unet_of(unet_or_pipe).device)
     recorder = ConceptScores()
     with _context_set(unet_or_pipe, backend, concept_weights=weights, recorder=recorder):
         yield recorder
@@ -353,7 +365,7 @@ def concept_scores(unet_or_pipe, concept_weights, *, backend="auto"):
 def zero_columns(unet_or_pipe, zero_mask, *, backend="auto"):
     """Zeroes the True columns' attention probabilities (after softmax, no renormalisation) in
     every cross-attention layer while inside. zero_mask: [B, 77] bool, batch-major."""
-    mask = _checked_mask("zero_mask", zero_mask, False, _unet_of(unet_or_pipe))
+    mask = checked_mask("zero_mask", zero_mask, False, _unet_of(unet_or_pipe).device)
     with _context_set(unet_or_pipe, backend, zero_mask=mask):
         yield
 

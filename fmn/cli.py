@@ -441,8 +441,10 @@ def cmd_export(a):
     _outputs(a, "out")
     patch = load_patch(a.patch)
     info = {}
+    if a.no_bias and a.format != "kohya":
+        raise CLIError("--no-bias is for --format kohya (the diffusers format holds the bias changes)")
     commit([(a.out, lambda tmp: info.update(export(patch, tmp, a.format, rank=a.rank, rel_error=a.rel_error,
-                                                   force=True)), False)], force=a.force)
+                                                   force=True, bias=not a.no_bias)), False)], force=a.force)
     if info["dropped"]:
         print(f"fmn: warning: the {a.format} format cannot hold {len(info['dropped'])} changed tensors; left out: "
               + ", ".join(info["dropped"][:3]) + (" ..." if len(info["dropped"]) > 3 else ""), file=sys.stderr)
@@ -628,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank of every pair (default: a LoRA patch's own; deltas: smallest within --rel-error)")
     x.add_argument("--rel-error", type=_at_least(0.0, float), default=None,
                    help="relative Frobenius error bound per weight when no --rank is given (default 0.01)")
+    x.add_argument("--no-bias", action="store_true",
+                   help="kohya: leave the bias changes out (no .diff_b keys, which diffusers' kohya loader refuses "
+                        "and A1111 ignores next to a LoRA pair; ComfyUI applies them)")
     x.add_argument("--force", action="store_true", help="overwrite an existing output")
     x.add_argument("--quiet", "-q", action="store_true", help="no summary")
     x.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")

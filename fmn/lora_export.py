@@ -4,8 +4,12 @@
   (alpha == rank, so scale 1), plus "unet.<module>.lora_B.bias" for a changed bias (peft's
   lora_bias); `pipe.load_lora_weights(FILE)` on the base pipeline reproduces `fmn.apply`.
 - kohya / A1111 / ComfyUI: "lora_unet_<module path, dots as underscores>.lora_down.weight" [r, in],
-  ".lora_up.weight" [out, r], ".alpha" (= r, so scale 1). This convention has no biases: a changed
-  bias is left out, and the file says so in its metadata ("fmn.dropped").
+  ".lora_up.weight" [out, r], ".alpha" (= r, so scale 1), and a changed bias (attn2.to_out.0) as the
+  whole difference "lora_unet_<module>.diff_b" [out], the key ComfyUI's LoRA loader (comfy/lora.py)
+  adds to "<module>.bias" next to the pair. A1111's built-in Lora extension reads diff_b only in a
+  full-difference module (network_full.py: with "<module>.diff"), so it applies the pairs and leaves
+  the bias; diffusers' kohya converter refuses diff_b keys ("have not been correctly renamed"):
+  `bias=False` leaves the biases out (named in the metadata, "fmn.dropped") for such loaders.
 
 A LoRA-trained patch is exported as it is (exactly what fmn.apply adds), unless a smaller rank is
 asked for. A delta patch becomes one low-rank pair per changed weight (fmn.compress.factorize):
@@ -86,8 +90,9 @@ def kohya_name(module: str) -> str:
     return "lora_unet_" + module.replace(".", "_")
 
 
-def to_kohya(patch: Patch, rank=None, rel_error=None, dtype=torch.float16):
-    """(state dict in the kohya / A1111 / ComfyUI LoRA format, info dict); biases are dropped."""
+def to_kohya(patch: Patch, rank=None, rel_error=None, dtype=torch.float16, bias=True):
+    """(state dict in the kohya / A1111 / ComfyUI LoRA format, info dict); bias changes as
+    "<key>.diff_b", or with bias=False left out (named in info["dropped"])."""
     pairs, biases, dropped, worst = lora_pairs(patch, rank, rel_error, dtype)
     pairs = {m: p for m, p in pairs.items() if p[0].any() or m not in biases}  # drop pairs that only carried a bias
     pairs = _same_rank(pairs)
@@ -96,7 +101,10 @@ def to_kohya(patch: Patch, rank=None, rel_error=None, dtype=torch.float16):
         key = kohya_name(module)
         sd[key + ".lora_down.weight"], sd[key + ".lora_up.weight"] = down, up
         sd[key + ".alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
-    dropped = dropped + [f"unet.{m}.bias" for m in biases]
+    if bias:
+        sd.update({kohya_name(module) + ".diff_b": change for module, change in biases.items()})
+    else:
+        dropped = dropped + [f"unet.{m}.bias" for m in biases]
     return sd, _info(patch, "kohya", pairs, dropped, worst)
 
 
@@ -123,13 +131,19 @@ def _info(patch, fmt, pairs, dropped, worst) -> dict:
 
 
 def export(patch: Patch, path, fmt: str = "diffusers", *, rank=None, rel_error=None, force=False,
-           dtype=torch.float16) -> dict:
+           dtype=torch.float16, bias=True) -> dict:
     """Writes `patch` as a LoRA file in format `fmt` (atomically; an existing file only with force).
+    bias=False (kohya only): no "diff_b" keys, the bias changes left out and named in info["dropped"].
     Returns the info dict (also stored in the file's metadata)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if not bias and fmt != "kohya":
+        raise ValueError("bias=False is for the kohya format (the diffusers format holds biases as lora_B.bias)")
     from safetensors.torch import save_file
-    sd, info = (to_diffusers if fmt == "diffusers" else to_kohya)(patch, rank, rel_error, dtype)
+    if fmt == "diffusers":
+        sd, info = to_diffusers(patch, rank, rel_error, dtype)
+    else:
+        sd, info = to_kohya(patch, rank, rel_error, dtype, bias)
     if not sd:
         raise PatchError("nothing in this patch can be expressed as LoRA (only 1-D changes)")
     meta = {"format": "pt", "fmn.export": json.dumps(info), "fmn.dropped": json.dumps(info["dropped"])}

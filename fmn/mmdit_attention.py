@@ -36,7 +36,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from fmn_kernels import cross_attention
 from fmn_kernels.api import check_backend
-from fmn.attention import AttentionContext, ConceptScores, using
+from fmn.attention import AttentionContext, ConceptScores, ProcessorSwap, checked_mask, using
 from fmn.spans import mmdit_text_mask, with_guidance
 
 # Stock processors whose math the fused ones reproduce; anything else (IP-adapter, PAG, custom)
@@ -119,24 +119,15 @@ class FusedJointAttnProcessor(_FusedMMDiTProcessor):
         # attention_mask is ignored, as by diffusers' JointAttnProcessor2_0.
         residual = hidden_states
         batch = hidden_states.shape[0]
-        query = _heads_first(attn.to_q(hidden_states), attn.heads)
-        key = _heads_first(attn.to_k(hidden_states), attn.heads)
-        value = _heads_first(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _normed_heads(hidden_states, attn.heads, attn.to_q, attn.to_k, attn.to_v, attn.norm_q,
+                                          attn.norm_k)
 
         if encoder_hidden_states is None:
             hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         else:
-            text_query = _heads_first(attn.add_q_proj(encoder_hidden_states), attn.heads)
-            text_key = _heads_first(attn.add_k_proj(encoder_hidden_states), attn.heads)
-            text_value = _heads_first(attn.add_v_proj(encoder_hidden_states), attn.heads)
-            if attn.norm_added_q is not None:
-                text_query = attn.norm_added_q(text_query)
-            if attn.norm_added_k is not None:
-                text_key = attn.norm_added_k(text_key)
+            text_query, text_key, text_value = _normed_heads(
+                encoder_hidden_states, attn.heads, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                attn.norm_added_q, attn.norm_added_k)
             query = torch.cat([query, text_query], dim=2)
             key = torch.cat([key, text_key], dim=2)
             value = torch.cat([value, text_value], dim=2)
@@ -213,6 +204,16 @@ def _heads_first(x, heads):
     return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
 
+def _normed_heads(states, heads, to_q, to_k, to_v, norm_q, norm_k):
+    """One stream's q, k, v [B, H, S, D], with q and k normed where the layer has norms (SD3)."""
+    query, key, value = (_heads_first(proj(states), heads) for proj in (to_q, to_k, to_v))
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
 def _flux_projections(attn, hidden_states, encoder_hidden_states):
     """q, k, v of the image (or joint) stream [B, S, H*D] and the text stream's (or None)."""
     if getattr(attn, "fused_projections", False):
@@ -242,7 +243,7 @@ def joint_attention_layers(model_or_pipe) -> list[tuple[str, torch.nn.Module]]:
     return layers
 
 
-class FusedMMDiTAttention:
+class FusedMMDiTAttention(ProcessorSwap):
     """Handle of installed fused MM-DiT processors: `context` (shared MMDiTContext), `processors`;
     `remove()` (or leaving the `with`) puts back the original processors and removes the hook."""
 
@@ -252,37 +253,18 @@ class FusedMMDiTAttention:
         flux = isinstance(transformer, FluxTransformer2DModel)
         allowed, processor_class = ((_FLUX_PROCESSORS, FusedFluxAttnProcessor) if flux
                                     else (_SD3_PROCESSORS, FusedJointAttnProcessor))
-        layers = joint_attention_layers(transformer)
-        for name, module in layers:
-            kind = type(module.processor).__name__
-            if kind not in allowed:
-                raise ValueError(f"layer {name!r} uses {kind}, which fmn's fused processor does not reproduce; "
-                                 f"expected one of {sorted(allowed)}")
         self.context = MMDiTContext()
-        self._originals = [(module, module.processor) for _, module in layers]
-        for name, module in layers:
-            module.set_processor(processor_class(name, backend, self.context))
+        super().__init__(joint_attention_layers(transformer), allowed,
+                         lambda name: processor_class(name, backend, self.context))
         self._hook = transformer.register_forward_pre_hook(self._record_text_len, with_kwargs=True)
 
     def _record_text_len(self, module, args, kwargs):
         text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         self.context.text_len = None if text is None else text.shape[1]
 
-    @property
-    def processors(self) -> list[_FusedMMDiTProcessor]:
-        return [module.processor for module, _ in self._originals]
-
     def remove(self):
-        for module, original in self._originals:
-            module.set_processor(original)
-        self._originals = []
+        super().remove()
         self._hook.remove()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
 
 def use_fused_attention(model_or_pipe, *, backend="auto") -> FusedMMDiTAttention:
@@ -315,14 +297,7 @@ def configured(model_or_pipe, backend="auto", **settings):
 
 
 def _checked_mask(name, mask, allow_float, device):
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [B, text_len], got {type(mask).__name__}")
-    if mask.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [B, text_len] (batch-major, text columns only), "
-                         f"got shape {list(mask.shape)}")
-    if mask.dtype != torch.bool and not (allow_float and mask.is_floating_point()):
-        raise TypeError(f"{name} must be {'bool or floating point' if allow_float else 'bool'}, got {mask.dtype}")
-    return mask.to(device)
+    return checked_mask(name, mask, allow_float, device, "[B, text_len]", "batch-major, text columns only")
 
 
 @contextmanager

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -51,40 +52,10 @@ import torch.nn.functional as F
 from fmn.toy import data
 from fmn.toy import mmdit_model as MM
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests/test_toy_mmdit.py)
+from toy_training import cosine_lr, encode_pool, log, make_pool, name_fp32_in_config, tokenize
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def log(t0, msg):
-    print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
-
-
-def cosine_lr(step, total, base, warmup):
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def make_pool(seed, n):
-    """n balanced images (shape i % 5, colour (i // 5) % 5) in [-1, 1], with their labels."""
-    samples = [data.make_sample(seed, i, shape=i % 5, color=(i // 5) % 5) for i in range(n)]
-    x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    return x, torch.tensor([s.shape for s in samples]), torch.tensor([s.color for s in samples])
-
-
-@torch.no_grad()
-def encode_pool(vae, x, bs=256):
-    means, stds = [], []
-    for i in range(0, len(x), bs):
-        d = vae.encode(x[i:i + bs]).latent_dist
-        means.append(d.mean)
-        stds.append(d.std)
-    return torch.cat(means), torch.cat(stds)
-
-
-def tokenize(tok, captions):
-    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
 
 
 def context(text_encoders, ids):
@@ -238,15 +209,8 @@ def save_pipeline(out, st, fp32=False):
         cfg = json.loads(cfg_path.read_text())
         if cfg.pop("_name_or_path", None) is not None:
             cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    for sub in ("text_encoder", "text_encoder_2"):
-        # transformers loads weights in their stored dtype unless the config names one: name fp32, so
-        # that a plain from_pretrained(path) gives an all-fp32 pipeline
-        cfg_path = tmp / sub / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        for key in ("dtype", "torch_dtype"):
-            if key in cfg:
-                cfg[key] = "float32"
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for sub in ("text_encoder", "text_encoder_2"):  # an all-fp32 pipeline from a plain from_pretrained(path)
+        name_fp32_in_config(tmp / sub / "config.json")
     return tmp
 
 

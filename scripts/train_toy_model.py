@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import sys
 import time
 
 # Spinning OpenMP workers slow training badly on a shared 2-core machine; passive waiting does not.
@@ -54,29 +54,10 @@ from fmn.tokenizer import clip_tokenizer
 from fmn.toy import data
 from fmn.toy import model as M
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_training import cosine_lr, encode_pool, log, make_pool, name_fp32_in_config, tokenize
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def log(t0, msg):
-    print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
-
-
-def cosine_lr(step, total, base, warmup):
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def make_pool(seed, n):
-    imgs, shapes, colors = [], [], []
-    for i in range(n):
-        s = data.make_sample(seed, i, shape=i % 5, color=(i // 5) % 5)
-        imgs.append(s.image)
-        shapes.append(s.shape)
-        colors.append(s.color)
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    return x, torch.tensor(shapes), torch.tensor(colors)
 
 
 def train_vae(args, t0, gen):
@@ -102,16 +83,6 @@ def train_vae(args, t0, gen):
     return vae
 
 
-@torch.no_grad()
-def encode_pool(vae, x, bs=256):
-    means, stds = [], []
-    for i in range(0, len(x), bs):
-        d = vae.encode(x[i:i + bs]).latent_dist
-        means.append(d.mean)
-        stds.append(d.std)
-    return torch.cat(means), torch.cat(stds)
-
-
 RECIPES = {
     # the shipped model: full CLIP vocabulary and SD's 77 slots, text encoder trained with the UNet
     "joint": dict(frozen_text_encoder=False, small_vocabulary=False, text_slots=77, channels=(64, 128), steps=1600,
@@ -123,11 +94,6 @@ RECIPES = {
     "tokens": dict(frozen_text_encoder=False, small_vocabulary=True, text_slots=M.TEXT_SLOTS, channels=(64, 128),
                    steps=1600, text_layers=0),
 }
-
-
-def tokenize(tok, captions):
-    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
 
 
 @torch.no_grad()
@@ -194,15 +160,8 @@ def save_pipeline(out, vae, te, tok, unet, fp32=False):
                                    scheduler=M.build_inference_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
-    if not fp32:
-        # transformers loads weights in their stored dtype unless the config names one: name fp32, so
-        # that a plain StableDiffusionPipeline.from_pretrained(path) gives an all-fp32 pipeline
-        cfg_path = Path(out) / "text_encoder" / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        for key in ("dtype", "torch_dtype"):
-            if key in cfg:
-                cfg[key] = "float32"
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if not fp32:  # an all-fp32 pipeline from a plain StableDiffusionPipeline.from_pretrained(path)
+        name_fp32_in_config(Path(out) / "text_encoder" / "config.json")
 
 
 def main():

@@ -13,23 +13,10 @@ from safetensors import safe_open
 
 import fmn.cli as cli
 from fmn.cli import main
-from fmn.testing import save_tiny_pipeline
 
-FAST = ["--steps", "2", "--lr", "1e-3", "--gen-steps", "1", "--n-images", "2", "--backend", "reference", "-q"]
+from helpers import FAST_CLI, interrupt_on_call
 
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-sd1"
-    save_tiny_pipeline(path, "sd1")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def patch_file(model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("patches") / "cat.safetensors"
-    assert main(["forget", "--model", model, "--concept", "cat", "--out", str(out), *FAST]) == 0
-    return out
+# sd1_folder (a tiny SD 1.x pipeline folder) and cat_patch (`fmn forget --concept cat` on it): tests/conftest.py
 
 
 def one_line_error(argv, capsys, rc=2):
@@ -79,11 +66,11 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("fmn: error: ")
 
 
-def test_outputs_are_checked_before_any_work(model, tmp_path, capsys, monkeypatch):
+def test_outputs_are_checked_before_any_work(sd1_folder, tmp_path, capsys, monkeypatch):
     import fmn.trainer
     monkeypatch.setattr(fmn.trainer, "forget", lambda *a, **k: pytest.fail("trained despite a bad output"))
     (tmp_path / "adir").mkdir()
-    base = ["forget", "--model", model, "--concept", "cat", *FAST]
+    base = ["forget", "--model", sd1_folder, "--concept", "cat", *FAST_CLI]
     assert "is a directory" in one_line_error(base + ["--out", str(tmp_path / "adir"), "--force"], capsys)
     assert "cannot write" in one_line_error(base + ["--out", "/proc/fmn-test/p.safetensors"], capsys)
     grid = tmp_path / "g.png"
@@ -94,25 +81,17 @@ def test_outputs_are_checked_before_any_work(model, tmp_path, capsys, monkeypatc
     assert sorted(os.listdir(tmp_path)) == ["adir", "g.png"] and grid.read_bytes() == b"keep"
 
 
-def test_failed_run_leaves_no_parent_folder(model, tmp_path, capsys):
+def test_failed_run_leaves_no_parent_folder(sd1_folder, tmp_path, capsys):
     out = tmp_path / "new" / "deeper" / "p.safetensors"
-    one_line_error(["forget", "--model", model, "--concept", "cat", "--out", str(out), *FAST, "--lr", "1e30",
+    one_line_error(["forget", "--model", sd1_folder, "--concept", "cat", "--out", str(out), *FAST_CLI, "--lr", "1e30",
                     "--steps", "4"], capsys, rc=1)
     assert os.listdir(tmp_path) == []
 
 
-def test_interrupt_while_the_grid_is_drawn_writes_nothing(model, tmp_path, capsys, monkeypatch):
-    real, calls = cli._images, {"n": 0}
-
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the patched half of the grid
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(cli, "_images", interrupted)
-    rc = main(["forget", "--model", model, "--concept", "cat", "--out", str(tmp_path / "p.safetensors"),
-               "--grid", str(tmp_path / "g.png"), "--grid-steps", "1", *FAST])
+def test_interrupt_while_the_grid_is_drawn_writes_nothing(sd1_folder, tmp_path, capsys, monkeypatch):
+    interrupt_on_call(monkeypatch, cli, "_images", 2)  # the second call draws the patched half of the grid
+    rc = main(["forget", "--model", sd1_folder, "--concept", "cat", "--out", str(tmp_path / "p.safetensors"),
+               "--grid", str(tmp_path / "g.png"), "--grid-steps", "1", *FAST_CLI])
     assert rc == 130 and "interrupted" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 
@@ -130,9 +109,9 @@ def test_commit_is_all_or_nothing(tmp_path):
     assert os.listdir(tmp_path) == ["old.txt"] and (tmp_path / "old.txt").read_text() == "old"
 
 
-def test_info_on_a_closed_pipe(patch_file):
+def test_info_on_a_closed_pipe(cat_patch):
     code = "import sys; from fmn.cli import main; sys.exit(main(['info', sys.argv[1], '--json']))"
-    r = subprocess.run(f"{sys.executable} -c \"{code}\" {patch_file} | head -1", shell=True, capture_output=True,
+    r = subprocess.run(f"{sys.executable} -c \"{code}\" {cat_patch} | head -1", shell=True, capture_output=True,
                        text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.stdout.strip() == "{" and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
 
@@ -150,9 +129,9 @@ def test_no_temporary_tokenizer_folders(tmp_path, monkeypatch):
     assert tok("a red circle").input_ids and os.listdir(tmp_path) == []
 
 
-def test_apply_folder_has_normal_permissions(model, patch_file, tmp_path):
+def test_apply_folder_has_normal_permissions(sd1_folder, cat_patch, tmp_path):
     out = tmp_path / "patched"
-    assert main(["apply", "--model", model, "--patch", str(patch_file), "--out", str(out), "-q"]) == 0
+    assert main(["apply", "--model", sd1_folder, "--patch", str(cat_patch), "--out", str(out), "-q"]) == 0
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
@@ -174,22 +153,30 @@ def test_unknown_concept_words(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_export_command(patch_file, tmp_path, capsys):
+def test_export_command(cat_patch, tmp_path, capsys):
     for fmt, key in (("diffusers", ".lora_A.weight"), ("kohya", ".lora_down.weight")):
         out = tmp_path / f"{fmt}.safetensors"
-        assert main(["export", str(patch_file), "--format", fmt, "--out", str(out), "--rank", "2", "-q"]) == 0
+        assert main(["export", str(cat_patch), "--format", fmt, "--out", str(out), "--rank", "2", "-q"]) == 0
         with safe_open(str(out), "pt") as f:
             keys = list(f.keys())
             downs = [f.get_tensor(k) for k in keys if k.endswith(key)]
         assert downs and all(d.shape[0] == 2 for d in downs)
         assert (fmt == "kohya") == all(k.startswith("lora_unet_") for k in keys)
+        assert any(k.endswith(".lora_B.bias" if fmt == "diffusers" else ".diff_b") for k in keys)  # biases travel
+    assert "warning" not in capsys.readouterr().err
+    out = tmp_path / "no-bias.safetensors"
+    assert main(["export", str(cat_patch), "--format", "kohya", "--no-bias", "--out", str(out), "-q"]) == 0
+    with safe_open(str(out), "pt") as f:
+        assert not any(k.endswith(".diff_b") for k in f.keys())
     err = capsys.readouterr().err
-    assert "cannot hold" in err and "bias" in err  # kohya has no biases: said so
-    assert "exists" in one_line_error(["export", str(patch_file), "--format", "kohya", "--out",
+    assert "cannot hold" in err and "bias" in err  # left out: said so
+    assert "--no-bias" in one_line_error(["export", str(cat_patch), "--format", "diffusers", "--no-bias", "--out",
+                                          str(tmp_path / "x.safetensors")], capsys)
+    assert "exists" in one_line_error(["export", str(cat_patch), "--format", "kohya", "--out",
                                        str(tmp_path / "kohya.safetensors")], capsys)
-    assert "--format" in one_line_error(["export", str(patch_file), "--format", "onnx", "--out",
+    assert "--format" in one_line_error(["export", str(cat_patch), "--format", "onnx", "--out",
                                          str(tmp_path / "x.safetensors")], capsys)
-    assert sorted(os.listdir(tmp_path)) == ["diffusers.safetensors", "kohya.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["diffusers.safetensors", "kohya.safetensors", "no-bias.safetensors"]
 
 
 def test_labelled_grid_places_images_and_labels():

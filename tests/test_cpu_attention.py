@@ -11,10 +11,12 @@ import fmn_kernels.api as api
 from fmn_kernels import concept_attention_reference, cross_attention
 from fmn_kernels.ops import cpu_attention
 
+from attention_checks import assert_within_rule, make_inputs
+from attention_checks import mask_kwargs as make_masks
+
 pytestmark = pytest.mark.skipif(not cpu_attention.cpu_backend_available(),
                                 reason="native CPU kernels not built (see scripts/setup.sh)")
 
-FLOOR_ULPS = 8
 # (B, H, N, L, D): N over several 64-row tiles and not a multiple of them; L = 1 / 77 / 154 / 300,
 # and 600 (two 512-key tiles: the online-softmax rescaling); D = 40 / 64 / 80 / 160.
 SHAPES = [
@@ -25,25 +27,6 @@ SHAPES = [
     (2, 3, 1, 77, 64),
     (1, 1, 70, 600, 40),
 ]
-
-
-def make_inputs(B, H, N, L, D, dtype, seed=0):
-    """q, k, v in diffusers' layout (view(B, seq, H, D).transpose(1, 2)); k, v from one projection."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, N, H, D, generator=g).to(dtype).transpose(1, 2)
-    kv = torch.randn(B, L, 2, H, D, generator=g).to(dtype)
-    return q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-
-
-def make_masks(B, L, seed=0):
-    g = torch.Generator().manual_seed(seed + 1)
-    weights = torch.rand(B, L, generator=g) * (torch.rand(B, L, generator=g) < 0.5)
-    zero_mask = torch.rand(B, L, generator=g) < 0.25
-    key_mask = torch.rand(B, L, generator=g) < 0.8
-    key_mask[:, 0] = True
-    if B > 1:
-        key_mask[-1] = False  # a sample whose keys are all left out: zeros, not NaN
-    return dict(concept_weights=weights, zero_mask=zero_mask, key_mask=key_mask)
 
 
 def run(fn, q, k, v, seed=2, use_out=True, use_score=True, **masks):
@@ -67,15 +50,6 @@ def cpu_fn(q, k, v, **masks):
 def reference_fn(q, k, v, **masks):
     """PyTorch in the inputs' own dtype (float64 inputs: the oracle)."""
     return concept_attention_reference(q, k, v, q.shape[-1] ** -0.5, **masks)
-
-
-def assert_within_rule(name, actual, oracle, torch_same_dtype, dtype):
-    actual, oracle, torch_same_dtype = actual.double(), oracle.double(), torch_same_dtype.double()
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    err = (actual - oracle).abs().max().item()
-    torch_err = (torch_same_dtype - oracle).abs().max().item()
-    floor = FLOOR_ULPS * torch.finfo(dtype).eps * max(oracle.abs().max().item(), 1e-3)
-    assert err <= 2 * torch_err + floor, f"{name}: error {err:.3g} > 2 x torch's {torch_err:.3g} + {floor:.3g}"
 
 
 def check_against_oracle(shape, dtype, masks, use_out=True, use_score=True):

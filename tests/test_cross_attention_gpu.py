@@ -7,7 +7,8 @@ SD 1.5 / 2.1 / SDXL cross-attention ones plus a long joint-attention case.
 import pytest
 import torch
 
-from test_cross_attention import DTYPES, check_against_oracle, make_inputs, make_masks
+from attention_checks import make_inputs, make_masks
+from test_cross_attention import DTYPES, check_against_oracle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

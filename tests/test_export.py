@@ -1,8 +1,9 @@
 """Low-rank patches and LoRA export: fmn.compress keeps the best rank-r approximation and its file
 round-trips; a patch exported as a diffusers LoRA and loaded with `pipe.load_lora_weights(FILE)`
 reproduces fmn.apply (exactly for a LoRA-trained patch, within the compression error for deltas);
-the kohya/A1111/ComfyUI key convention loads through diffusers' own kohya converter. On tiny
-SD 1.x, 2.x and XL pipelines."""
+the kohya/A1111/ComfyUI key convention (bias changes as ComfyUI's ".diff_b") loads through diffusers'
+own kohya converter, which refuses diff_b keys: their pairs load there, with bias=False the file too.
+On tiny SD 1.x, 2.x and XL pipelines."""
 import copy
 
 import pytest
@@ -81,20 +82,46 @@ def test_delta_patch_exports_within_compression_error(family, tmp_path):
                       unet_out(small.apply(copy.deepcopy(base))), b, tol=1e-5)
 
 
+def kohya_file(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
 def test_kohya_keys_and_diffusers_kohya_loader(family, tmp_path):
     kind, base, _, delta = family
     path = tmp_path / "k.safetensors"
     info = export(delta, path, "kohya", rel_error=0.0, dtype=torch.float32)
-    with safe_open(str(path), "pt") as f:
-        keys, meta = list(f.keys()), f.metadata()
-        alphas = [f.get_tensor(k) for k in keys if k.endswith(".alpha")]
-    assert all(k.startswith("lora_unet_") and k.rsplit(".", 2)[0].count(".") == 0 for k in keys)
-    assert {k.split(".", 1)[1] for k in keys} == {"lora_down.weight", "lora_up.weight", "alpha"}
+    sd, meta = kohya_file(path)
+    assert all(k.startswith("lora_unet_") and k.rsplit(".", 2)[0].count(".") == 0 for k in sd)
+    assert {k.split(".", 1)[1] for k in sd} == {"lora_down.weight", "lora_up.weight", "alpha", "diff_b"}
     some = next(iter(delta.fingerprint["tensors"]))[len("unet."):].rsplit(".", 1)[0]
-    assert kohya_name(some) in {k.split(".")[0] for k in keys}
+    assert kohya_name(some) in {k.split(".")[0] for k in sd}
+    alphas = [v for k, v in sd.items() if k.endswith(".alpha")]
     assert alphas and all(a.numel() == 1 for a in alphas)
-    # the convention has no biases: they are named as dropped; the rest equals the patch without them
-    assert info["dropped"] and all(n.endswith(".bias") for n in info["dropped"]) and "fmn.dropped" in meta
+    # each bias change: the whole difference as "<module's kohya key>.diff_b", beside the module's pair
+    biases = {n[len("unet."):-len(".bias")]: change for n, (_, change) in delta.changes().items()
+              if n.endswith(".bias")}
+    assert biases and not info["dropped"]
+    for module, change in biases.items():
+        key = kohya_name(module)
+        assert key + ".lora_up.weight" in sd
+        torch.testing.assert_close(sd[key + ".diff_b"], change.reshape(-1).float(), rtol=0, atol=0)
+    # diffusers' kohya converter refuses diff_b keys: the pairs load through it, and the biases added as
+    # ComfyUI adds diff_b ("<module>.bias" += diff_b) give fmn.apply's result
+    pipe = copy.deepcopy(base)
+    with torch.no_grad():
+        for module in biases:
+            pipe.unet.get_submodule(module).bias += sd[kohya_name(module) + ".diff_b"]
+    pipe.load_lora_weights({k: v for k, v in sd.items() if not k.endswith(".diff_b")})
+    want = unet_out(delta.apply(copy.deepcopy(base)))
+    assert_reproduces(unet_out(pipe), want, unet_out(base), tol=1e-5)
+    # bias=False: no diff_b, the biases named as dropped; the file loads in diffusers as it is and
+    # equals the patch without them
+    path = tmp_path / "k-no-bias.safetensors"
+    info = export(delta, path, "kohya", rel_error=0.0, dtype=torch.float32, bias=False)
+    sd, meta = kohya_file(path)
+    assert not any(k.endswith(".diff_b") for k in sd)
+    assert sorted(info["dropped"]) == sorted(f"unet.{m}.bias" for m in biases) and "fmn.dropped" in meta
     kept = {k: v for k, v in delta.tensors.items() if k not in info["dropped"]}
     no_bias = Patch(tensors=kept, kind="delta", concepts=delta.concepts, base_model="",
                     fingerprint=restrict_fingerprint(delta.fingerprint, kept), options=delta.options)

@@ -12,20 +12,21 @@ import pytest
 import torch
 
 import fmn
-from fmn.toy import evaluate, load_classifier, load_default_pipeline, relative_to
+from fmn.toy import evaluate, load_classifier, relative_to
 from fmn.toy.defaults import forget_defaults
 
 SEEDS = [0, 1]
 
 
 @pytest.fixture(scope="module")
-def base():
-    return load_default_pipeline()
+def base(toy_base):  # tests/conftest.py: the toy pipeline, loaded once per session
+    return toy_base
 
 
-def test_forgetting_a_shape_removes_it_and_keeps_the_rest(base):
+def test_forgetting_a_shape_removes_it_and_keeps_the_rest(base, toy_base_eval):
     classifier = load_classifier()
-    before = evaluate(base, forgotten="circle", seeds=SEEDS, classifier=classifier)
+    before = toy_base_eval  # tests/conftest.py: evaluate(base, forgotten="circle", seeds=SEEDS), shared
+    assert before["settings"]["seeds"] == SEEDS
     assert before["ua"] <= 0.1 and before["shape_acc"] >= 0.9  # the base model draws circles
 
     pipe = copy.deepcopy(base)

@@ -12,7 +12,7 @@ import torch
 import fmn_kernels
 from fmn_kernels.utils import triton_interpreting
 
-from test_cross_attention import make_inputs, make_masks
+from attention_checks import make_inputs, make_masks
 
 COMPILER = "inductor" if torch.cuda.is_available() else "aot_eager"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

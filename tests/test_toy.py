@@ -93,9 +93,8 @@ def test_save_grid(tmp_path):
 
 # ---------------------------------------------------------------- shipped pipeline
 @pytest.fixture(scope="module")
-def pipe():
-    from fmn.toy import load_default_pipeline
-    return load_default_pipeline()
+def pipe(toy_base):  # tests/conftest.py: the toy pipeline, loaded once per session
+    return toy_base
 
 
 def test_default_pipeline_loads_offline_and_makes_32px_images(pipe):
@@ -113,11 +112,10 @@ def test_default_pipeline_loads_offline_and_makes_32px_images(pipe):
     assert plain.unet.config.sample_size * plain.vae_scale_factor == 32
 
 
-def test_base_model_draws_the_asked_shape_and_colour(pipe):
-    from fmn.toy import evaluate, load_classifier
-    m = evaluate(pipe, prompt_set(), seeds=[100], classifier=load_classifier(), num_inference_steps=10)
-    # the shipped model scores 1.00 / 1.00 here (and 0.99-1.00 on 200 images at 20 steps);
-    # these bounds catch a broken model or pipeline
+def test_base_model_draws_the_asked_shape_and_colour(toy_base_eval):
+    m = toy_base_eval  # tests/conftest.py: the 25-prompt set at seeds 0, 1 (test_forgetting_quality's "before")
+    assert m["n_images"] == len(prompt_set()) * 2
+    # the shipped model scores 0.99-1.00 on 200 images at 20 steps; these bounds catch a broken model or pipeline
     assert m["shape_acc"] >= 0.75, m
     assert m["color_acc"] >= 0.85, m
 

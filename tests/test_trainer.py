@@ -16,6 +16,8 @@ from fmn.trainer import forget
 from fmn.spans import concept_token_mask
 from fmn.testing import tiny_sd_pipeline
 
+from helpers import interrupt_on_call
+
 FAST = dict(steps=2, lr=1e-3, backend="reference", progress=False, gen_steps=1)
 
 
@@ -347,16 +349,7 @@ def test_nan_loss_fails_cleanly(sd1):
 def test_interrupt_restores_the_pipeline(sd1, monkeypatch, train):
     pipe = copy.deepcopy(sd1)
     before = state(pipe)
-    calls = {"n": 0}
-    real = UNetFamily.predict
-
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(UNetFamily, "predict", interrupted)
+    interrupt_on_call(monkeypatch, UNetFamily, "predict", 3)
     with pytest.raises(KeyboardInterrupt):
         forget(pipe, "cat", images=latents(), train=train, **{**FAST, "steps": 5})
     assert_restored(pipe, before)

@@ -53,6 +53,30 @@ def _tile_offsets(b, h, stride_b, stride_h, stride_n, rows, offs_d, VEC: tl.cons
 
 
 @triton.jit
+def _batch_head(pid_bh, H):
+    """(b, h) as int64 from the program's batch*head index."""
+    return (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+@triton.jit
+def _load_tile(PTR, b, h, stride_b, stride_h, stride_n, rows, offs_d, mask, VEC: tl.constexpr):
+    """A [rows, BLOCK_D] tile of a [B, H, seq, D] tensor, zeros where masked."""
+    return tl.load(PTR + _tile_offsets(b, h, stride_b, stride_h, stride_n, rows, offs_d, VEC), mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_tile_pair(A, B, b, h, stride_ab, stride_ah, stride_an, stride_bb, stride_bh, stride_bn, rows, offs_d, mask,
+                    LOAD_B: tl.constexpr, VEC: tl.constexpr):
+    """The tiles of A and B at the same rows (q and dO, or k and v). Without LOAD_B, B is not read and
+    A's tile stands in for it (a placeholder the caller never uses)."""
+    a = _load_tile(A, b, h, stride_ab, stride_ah, stride_an, rows, offs_d, mask, VEC)
+    second = a
+    if LOAD_B:
+        second = _load_tile(B, b, h, stride_bb, stride_bh, stride_bn, rows, offs_d, mask, VEC)
+    return a, second
+
+
+@triton.jit
 def _load_key_vectors(W, ZERO, VALID, sw, sz, sv, b, cols, col_ok,
                       HAS_W: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_VALID: tl.constexpr):
     """Concept weights w, kept-column factor (1 - z) and key validity for one block of keys."""
@@ -84,16 +108,14 @@ def _fwd_kernel(
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h = _batch_head(pid_bh, H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     d_ok = offs_d < HEAD_DIM
 
-    q = tl.load(Q + _tile_offsets(b, h, stride_qb, stride_qh, stride_qn, rows, offs_d, VEC),
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_tile(Q, b, h, stride_qb, stride_qh, stride_qn, rows, offs_d, row_ok[:, None] & d_ok[None, :], VEC)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                 # running sum of exp2
     r_i = tl.zeros([BLOCK_M], dtype=tl.float32)                 # running sum of w * exp2^2
@@ -103,10 +125,8 @@ def _fwd_kernel(
         cols = start_n + offs_n
         col_ok = cols < L
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + _tile_offsets(b, h, stride_kb, stride_kh, stride_kn, cols, offs_d, VEC),
-                mask=kv_mask, other=0.0)
-        v = tl.load(V + _tile_offsets(b, h, stride_vb, stride_vh, stride_vn, cols, offs_d, VEC),
-                mask=kv_mask, other=0.0)
+        k, v = _load_tile_pair(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                               cols, offs_d, kv_mask, True, VEC)
         w, keep, valid = _load_key_vectors(W, ZERO, VALID, sw, sz, sv, b, cols, col_ok, HAS_W, HAS_ZERO, HAS_VALID)
 
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
@@ -152,8 +172,7 @@ def _row_delta(O, DO, SCORE, g, b, h, stride_ob, stride_oh, stride_on, stride_do
     """delta_i = dO_i . o_i + 2 g_i c_i for a block of rows (do: the loaded dO block, if any)."""
     delta = tl.zeros(rows.shape, dtype=tl.float32)
     if HAS_DO:
-        o = tl.load(O + _tile_offsets(b, h, stride_ob, stride_oh, stride_on, rows, offs_d, VEC),
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        o = _load_tile(O, b, h, stride_ob, stride_oh, stride_on, rows, offs_d, row_ok[:, None] & d_ok[None, :], VEC)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_G:
         delta += 2.0 * g * tl.load(SCORE + row_base + rows, mask=row_ok, other=0.0)
@@ -171,8 +190,7 @@ def _bwd_delta_kernel(
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h = _batch_head(pid_bh, H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < N
@@ -180,8 +198,8 @@ def _bwd_delta_kernel(
     row_base = pid_bh.to(tl.int64) * N
     do = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_DO:
-        do = tl.load(DO + _tile_offsets(b, h, stride_dob, stride_doh, stride_don, rows, offs_d, VEC),
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = _load_tile(DO, b, h, stride_dob, stride_doh, stride_don, rows, offs_d, row_ok[:, None] & d_ok[None, :],
+                        VEC)
     g = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_G:
         g = tl.load(DSCORE + row_base + rows, mask=row_ok, other=0.0)
@@ -232,19 +250,15 @@ def _bwd_dq_kernel(
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h = _batch_head(pid_bh, H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     d_ok = offs_d < HEAD_DIM
     row_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + _tile_offsets(b, h, stride_qb, stride_qh, stride_qn, rows, offs_d, VEC), mask=row_mask, other=0.0)
-    do = q
-    if HAS_DO:
-        do = tl.load(DO + _tile_offsets(b, h, stride_dob, stride_doh, stride_don, rows, offs_d, VEC),
-                     mask=row_mask, other=0.0)
+    q, do = _load_tile_pair(Q, DO, b, h, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+                            rows, offs_d, row_mask, HAS_DO, VEC)
     row_base = pid_bh.to(tl.int64) * N
     lse, g = _load_row_vectors(LSE, DSCORE, row_base, rows, row_ok, HAS_G)
     delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
@@ -254,12 +268,8 @@ def _bwd_dq_kernel(
         cols = start_n + offs_n
         col_ok = cols < L
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + _tile_offsets(b, h, stride_kb, stride_kh, stride_kn, cols, offs_d, VEC),
-                mask=kv_mask, other=0.0)
-        v = k
-        if HAS_DO:
-            v = tl.load(V + _tile_offsets(b, h, stride_vb, stride_vh, stride_vn, cols, offs_d, VEC), mask=kv_mask,
-                        other=0.0)
+        k, v = _load_tile_pair(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                               cols, offs_d, kv_mask, HAS_DO, VEC)
         w, keep, valid = _load_key_vectors(W, ZERO, VALID, sw, sz, sv, b, cols, col_ok, HAS_W, HAS_ZERO, HAS_VALID)
         p, ds = _bwd_ds(q, k, v, do, lse, delta, g, w, keep, valid, qk_scale, HAS_DO, HAS_G, UPCAST, PRECISION)
         dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
@@ -294,19 +304,15 @@ def _bwd_dkdv_kernel(
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_split = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h = _batch_head(pid_bh, H)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < L
     d_ok = offs_d < HEAD_DIM
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + _tile_offsets(b, h, stride_kb, stride_kh, stride_kn, cols, offs_d, VEC), mask=kv_mask, other=0.0)
-    v = k
-    if HAS_DO:
-        v = tl.load(V + _tile_offsets(b, h, stride_vb, stride_vh, stride_vn, cols, offs_d, VEC),
-                mask=kv_mask, other=0.0)
+    k, v = _load_tile_pair(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                           cols, offs_d, kv_mask, HAS_DO, VEC)
     w, keep, valid = _load_key_vectors(W, ZERO, VALID, sw, sz, sv, b, cols, col_ok, HAS_W, HAS_ZERO, HAS_VALID)
     row_base = pid_bh.to(tl.int64) * N
 
@@ -318,12 +324,8 @@ def _bwd_dkdv_kernel(
         rows = start_m + offs_m
         row_ok = rows < row_end
         row_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + _tile_offsets(b, h, stride_qb, stride_qh, stride_qn, rows, offs_d, VEC),
-                mask=row_mask, other=0.0)
-        do = q
-        if HAS_DO:
-            do = tl.load(DO + _tile_offsets(b, h, stride_dob, stride_doh, stride_don, rows, offs_d, VEC),
-                         mask=row_mask, other=0.0)
+        q, do = _load_tile_pair(Q, DO, b, h, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+                                rows, offs_d, row_mask, HAS_DO, VEC)
         lse, g = _load_row_vectors(LSE, DSCORE, row_base, rows, row_ok, HAS_G)
         if FUSED_DQ:
             delta = _row_delta(O, DO, SCORE, g, b, h, stride_ob, stride_oh, stride_on, stride_dob, stride_doh,
