@@ -11,9 +11,10 @@ as it would when loaded on the GPU (the host then falls back to a smaller tile: 
 of the table here). Per compiled variant it reports shared memory, registers, spill bytes (ptxas -v)
 and the number of vector / scalar global loads in the PTX.
 
-Exit status 1 when any variant exceeds shared memory, spills, or needed a fallback tile; 2 when
-ptxas is missing. Each target compiles in its own process (the fake driver must not meet real
-Triton use); this process only starts them and merges their results.
+Exit status 1 when any variant exceeds shared memory, spills (sm_86-class targets: shared memory
+only, spills are reported), or needed a fallback tile; 2 when ptxas is missing. Each target
+compiles in its own process (the fake driver must not meet real Triton use); this process only
+starts them and merges their results.
 """
 import argparse
 import contextlib
@@ -271,9 +272,17 @@ def failures(result):
             problems.append(f"shared memory {row['shared']} > {row['smem_limit']}: {label} (fallback tile taken)")
         if row["spill_stores"] is None:
             problems.append(f"no ptxas report: {label}")
-        elif row["spill_stores"] or row["spill_loads"]:
+        elif (row["spill_stores"] or row["spill_loads"]) and not spills_allowed(row["arch"]):
             problems.append(f"spills {row['spill_stores']}/{row['spill_loads']} bytes: {label} regs={row['regs']}")
     return problems
+
+
+def spills_allowed(arch):
+    """sm_86/89-class GPUs (99 KB of shared memory) get the smallest tiles and are held to the shared
+    memory limit only (issue 13): their spills are reported in the summary, not counted as problems."""
+    from .ops.configs import arch_class
+
+    return arch_class(arch) == "sm86"
 
 
 def summary(result):
