@@ -340,15 +340,14 @@ def merge(parts, subset):
             key = json.dumps({k: v for k, v in row.items() if k != "cases"}, sort_keys=True)
             result["variants"].setdefault(key, dict(row, cases=[]))["cases"].extend(row["cases"])
         result["errors"] += part["errors"]
-        result["cases_done"] += [c for c in part["cases_done"] if c not in result["cases_done"]]
+        # a part's rows compiled before a table change: its cases count as not done (by this part)
+        stale_cases = {f"{c['masks']}/{c['case']}/{c['dtype']}" for r in part["variants"] if not matches_table(r)
+                       for c in r["cases"]}
+        result["cases_done"] += [c for c in part["cases_done"] if c not in result["cases_done"] + list(stale_cases)]
     for result in merged.values():
         rows = list(result["variants"].values())
-        # rows compiled before a table change: dropped, and their cases count as not done
-        stale = [r for r in rows if not matches_table(r)]
-        stale_cases = {f"{c['masks']}/{c['case']}/{c['dtype']}" for r in stale for c in r["cases"]}
         result["variants"] = [r for r in rows if matches_table(r)]
-        result["cases_done"] = [c for c in result["cases_done"] if c not in stale_cases]
-        result["superseded_rows"] = len(stale)
+        result["superseded_rows"] = len(rows) - len(result["variants"])
         missing = sorted(expected - set(result["cases_done"]))
         result.update(complete=not missing, cases_missing=missing)
     return [merged[arch] for arch in sorted(merged, reverse=True)]
