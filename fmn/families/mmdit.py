@@ -150,7 +150,7 @@ class MMDiTFamily(ModelFamily):
         return embeds, pooled
 
     def concept_columns(self, prompts, phrases, *, include_eos=False, parts=None):
-        """[P, text_len] bool: phrases[i]'s joint text columns in prompts[i] (read with `parts`' tokenizers when given)."""
+        """[P, text_len] bool: phrases[i]'s joint text columns in prompts[i] (with `parts`' tokenizers if given)."""
         if include_eos:
             raise ValueError("include_eos is not supported for SD3 / FLUX pipelines (no single end-of-text column)")
         with self.using_text_parts(parts):

@@ -5,7 +5,8 @@ Both start from textual inversion (Gal et al. 2022) of the concept's *probe imag
 procedural data set (fmn.toy.data, not model samples) with the concept fixed and the other attribute
 cycled ("a red circle", "a green circle", ...). One new token's input embedding is learned, from a
 random start with a fixed seed (one per text encoder: toy-mmdit has two), so that the pipeline's denoiser
-(UNet or MM-DiT transformer, through its fmn.families family: noise, target, prompt encoding) denoises the probe latents given
+(UNet or MM-DiT transformer, through its fmn.families family: noise, target, prompt encoding) denoises
+the probe latents given
 "a {colour} <token>" (a shape) or "a <token> {shape}" (a colour): the denoising loss textual inversion
 uses; only that embedding row changes.
 
@@ -278,7 +279,8 @@ def forget_with_inversion(pipe, concepts, rounds: int = 1, steps: int = INVERSIO
     """A defence against the inversion attack: fmn.forget with the toy defaults (fmn.toy.defaults; toy-mmdit:
     fmn.toy.mmdit_defaults), overridden by `options`, then `rounds` times: invert each concept on the patched
     model (as the attack does) and forget the inverted tokens together with the words (each token anchored
-    like its word). Trains the pipeline's denoiser in place; returns the per-round patches (each relative to the weights before it)."""
+    like its word). Trains the pipeline's denoiser in place; returns the per-round patches (each relative to
+    the weights before it)."""
     import fmn
     from fmn.families import family_for
     from fmn.toy import defaults, mmdit_defaults
