@@ -4,6 +4,8 @@ What differs from the UNet family, and how it is answered here:
 - text: SD3 conditions on CLIP-L + CLIP-G (77 columns, features concatenated) followed by T5's
   columns, FLUX on T5's columns only (CLIP pooled); prompts are encoded by the pipeline's own
   `encode_prompt`, the concept's columns found from character offsets (fmn.spans.mmdit_text_mask);
+  concept inversion's copied tokenizers / encoders are put on the pipeline for that while
+  (`using_text_parts`, restored on exit);
   the T5 length is the pipeline's default (SD3 256, FluxPipeline 512) unless given.
 - attention: every joint layer (SD3 `attn`, FLUX double- and single-stream `attn`) reads the
   concept's text columns; the loss sums the image rows' scores (fmn.mmdit_attention).
@@ -33,6 +35,7 @@ concept loss after/before, output change on unrelated prompts): SD3 attn2 0.53/0
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -100,31 +103,59 @@ class MMDiTFamily(ModelFamily):
         return self.kind == "flux"
 
     # --- text
-    def text_parts(self):
+    def text_part_names(self) -> list[tuple[str, str]]:
+        """The pipeline's (tokenizer, text encoder) attribute names that are set, in encoding order."""
         names = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3")]
-        return [(getattr(self.pipe, t), getattr(self.pipe, e)) for t, e in names
+        return [(t, e) for t, e in names
                 if getattr(self.pipe, t, None) is not None and getattr(self.pipe, e, None) is not None]
 
+    def text_parts(self):
+        return [(getattr(self.pipe, t), getattr(self.pipe, e)) for t, e in self.text_part_names()]
+
+    @contextlib.contextmanager
+    def using_text_parts(self, parts=None):
+        """Within: the pipeline's tokenizers and text encoders are `parts` (as text_parts() lists them; None:
+        its own), so that its encode_prompt and fmn.spans.mmdit_text_mask read them; the originals are put
+        back on exit, also after an exception (concept inversion encodes with copies; the pipeline is not kept)."""
+        names = self.text_part_names()
+        if parts is None or parts == self.text_parts():
+            yield
+            return
+        if len(parts) != len(names):
+            raise ValueError(f"parts: expected {len(names)} (tokenizer, text encoder) pairs as text_parts() "
+                             f"lists them, got {len(parts)}")
+        saved = self.text_parts()
+        try:
+            for (t, e), (tok, enc) in zip(names, parts):
+                setattr(self.pipe, t, tok)
+                setattr(self.pipe, e, enc)
+            yield
+        finally:
+            for (t, e), (tok, enc) in zip(names, saved):
+                setattr(self.pipe, t, tok)
+                setattr(self.pipe, e, enc)
+
     def encode_prompts(self, prompts, parts=None):
-        """(embeds [P, text_len, D], pooled [P, D2]) from the pipeline's own encode_prompt."""
-        if parts is not None and parts != self.text_parts():
-            raise ValueError("concept inversion is not supported for SD3 / FLUX pipelines")
+        """(embeds [P, text_len, D], pooled [P, D2]) from the pipeline's own encode_prompt (with `parts`
+        in place of its tokenizers and text encoders when given)."""
         device = self.denoiser.device
-        if self.is_flux:
-            embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
-                                                        max_sequence_length=self.text_length)
-            return embeds, pooled
-        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
-                                                       do_classifier_free_guidance=False,
-                                                       max_sequence_length=self.text_length)
+        with self.using_text_parts(parts):
+            if self.is_flux:
+                embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                                            max_sequence_length=self.text_length)
+                return embeds, pooled
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                           device=device, do_classifier_free_guidance=False,
+                                                           max_sequence_length=self.text_length)
         return embeds, pooled
 
     def concept_columns(self, prompts, phrases, *, include_eos=False, parts=None):
-        """[P, text_len] bool: phrases[i]'s joint text columns in prompts[i]."""
+        """[P, text_len] bool: phrases[i]'s joint text columns in prompts[i] (with `parts`' tokenizers if given)."""
         if include_eos:
             raise ValueError("include_eos is not supported for SD3 / FLUX pipelines (no single end-of-text column)")
-        return torch.cat([mmdit_text_mask(self.pipe, [p], [c], max_sequence_length=self.text_length)
-                          for p, c in zip(prompts, phrases)])
+        with self.using_text_parts(parts):
+            return torch.cat([mmdit_text_mask(self.pipe, [p], [c], max_sequence_length=self.text_length)
+                              for p, c in zip(prompts, phrases)])
 
     # --- the denoiser
     def predict(self, model, x_t, t, prompts, rows):

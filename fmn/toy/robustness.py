@@ -1,9 +1,12 @@
-"""How forgotten a concept stays on the toy model: the paper's Memorization Score and an inversion attack.
+"""How forgotten a concept stays on the toy models ("toy" and "toy-mmdit"): the paper's Memorization Score
+and an inversion attack.
 
 Both start from textual inversion (Gal et al. 2022) of the concept's *probe images*: renders of the
 procedural data set (fmn.toy.data, not model samples) with the concept fixed and the other attribute
 cycled ("a red circle", "a green circle", ...). One new token's input embedding is learned, from a
-random start with a fixed seed, so that the pipeline's UNet denoises the probe latents given
+random start with a fixed seed (one per text encoder: toy-mmdit has two), so that the pipeline's denoiser
+(UNet or MM-DiT transformer, through its fmn.families family: noise, target, prompt encoding) denoises
+the probe latents given
 "a {colour} <token>" (a shape) or "a <token> {shape}" (a colour): the denoising loss textual inversion
 uses; only that embedding row changes.
 
@@ -22,6 +25,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from fmn.families.base import Prompts
 from fmn.toy.data import COLORS, SHAPES, make_sample, to_tensor
 
 TOKEN = "<fmn-probe>"
@@ -59,17 +63,35 @@ def probe_images(concept: str, n: int = PROBE_IMAGES, seed: int = 1234):
     return torch.stack(pix), which
 
 
-def with_token(pipe, vector: torch.Tensor, token: str = TOKEN):
-    """A copy of `pipe` sharing its UNet, VAE and scheduler, whose tokenizer and text encoder (copies) know
-    `token` with input embedding `vector`."""
-    tok, enc = copy.deepcopy(pipe.tokenizer), copy.deepcopy(pipe.text_encoder)
-    if tok.add_tokens([token]) != 1:
-        raise ValueError(f"token {token!r} is already in the tokenizer")
-    enc.resize_token_embeddings(len(tok), mean_resizing=False)
-    with torch.no_grad():
-        enc.get_input_embeddings().weight[-1] = vector.to(enc.dtype)
+TEXT_PART_NAMES = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
+
+
+def text_part_names(pipe) -> list[tuple[str, str]]:
+    """The pipeline's (tokenizer, text encoder) attribute names that are set: one pair on the UNet toy, two
+    on toy-mmdit (its CLIP-L and CLIP-G analogues), each with its own input embedding table."""
+    return [(t, e) for t, e in TEXT_PART_NAMES if getattr(pipe, t, None) is not None
+            and getattr(pipe, e, None) is not None]
+
+
+def with_token(pipe, vectors, token: str = TOKEN):
+    """A copy of `pipe` sharing its denoiser, VAE and scheduler, whose tokenizers and text encoders (copies)
+    know `token` with input embedding vectors[i] in the i-th text encoder (text_part_names; a single tensor
+    for a one-encoder pipeline)."""
+    names = text_part_names(pipe)
+    vectors = [vectors] if torch.is_tensor(vectors) else list(vectors)
+    if len(vectors) != len(names):
+        raise ValueError(f"vectors: expected one per text encoder ({len(names)}), got {len(vectors)}")
+    modules = {}
+    for (t, e), vector in zip(names, vectors):
+        tok, enc = copy.deepcopy(getattr(pipe, t)), copy.deepcopy(getattr(pipe, e))
+        if tok.add_tokens([token]) != 1:
+            raise ValueError(f"token {token!r} is already in {t}")
+        enc.resize_token_embeddings(len(tok), mean_resizing=False)
+        with torch.no_grad():
+            enc.get_input_embeddings().weight[-1] = vector.to(enc.dtype)
+        modules.update({t: tok, e: enc})
     out = copy.copy(pipe)  # shallow: a new components mapping over the same modules
-    out.register_modules(tokenizer=tok, text_encoder=enc)
+    out.register_modules(**modules)
     return out
 
 
@@ -78,66 +100,104 @@ def _token_ids(tok, prompts, device):
                return_tensors="pt").input_ids.to(device)
 
 
+def random_starts(pipe, g: torch.Generator) -> list[torch.Tensor]:
+    """Per text encoder: a random direction (drawn from g in text_part_names order) at its vocabulary's
+    mean norm, the same for every model with that vocabulary."""
+    starts = []
+    for _, e in text_part_names(pipe):
+        emb = getattr(pipe, e).get_input_embeddings().weight.detach()
+        r = torch.randn(emb.shape[1], generator=g)
+        starts.append(r / r.norm() * emb.norm(dim=-1).mean().cpu())
+    return starts
+
+
+@torch.no_grad()
+def probe_latents(pipe, concept: str, n_images: int, device) -> tuple[torch.Tensor, list[int]]:
+    """The probe images VAE-encoded as the pipelines do ((mean - shift_factor) * scaling_factor), and
+    which probe prompt each shows."""
+    pix, which = probe_images(concept, n_images)
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    mean = vae.encode(pix.to(device, vae.dtype)).latent_dist.mean
+    return (mean - shift) * vae.config.scaling_factor, which
+
+
+def new_rows_only(tables):
+    """Gradient hooks so that only each table's last row (the new token) learns; sets requires_grad."""
+    for table in tables:
+        row = torch.zeros(table.shape[0], 1, device=table.device)
+        row[-1] = 1.0
+        table.requires_grad_(True)
+        table.register_hook(lambda grad, row=row: grad * row)
+
+
+def inversion_loss(family, tfamily, latents, which, prompts, g):
+    """One textual-inversion step's denoising loss on 2 probe latents (the family's noise, target and
+    denoiser; `tfamily` encodes with the token-bearing text encoders)."""
+    i = torch.randint(len(latents), (2,), generator=g)
+    t = torch.randint(family.timestep_count(), (2,), generator=g).to(latents.device)
+    noise = torch.randn(latents[i].shape, generator=g).to(latents.device)
+    x0 = latents[i]
+    x_t = family.add_noise(x0, noise, t)
+    embeds, pooled = tfamily.encode_prompts([prompts[which[k]] for k in i.tolist()])
+    text = Prompts(embeds, pooled, [0, 0], resolution=x0.shape[-1] * family.pipe.vae_scale_factor)
+    out = family.predict(family.denoiser, x_t, t, text, torch.arange(2))
+    return F.mse_loss(out.float(), family.target(x0, noise, t).float())
+
+
 def invert(pipe, concept: str, steps: int = INVERSION_STEPS, lr: float = INVERSION_LR, n_images: int = PROBE_IMAGES,
            seed: int = 0, token: str = TOKEN) -> dict:
-    """Textual inversion of the concept's probe images on `pipe` (its UNet as it is: base or patched).
+    """Textual inversion of the concept's probe images on `pipe` (its denoiser as it is: base or patched;
+    the UNet toy or toy-mmdit, through its fmn.families family), one new input embedding per text encoder.
 
-    Returns {"vector": learned input embedding, "losses": per step, "pipe": with_token(pipe, vector)}.
-    The start is a random direction at the vocabulary's mean norm (seed `seed`), the same for every model.
+    Returns {"vectors": learned input embedding per text encoder, "vector": the first encoder's, "losses":
+    per step, "pipe": with_token(pipe, vectors)}. The start is a random direction at each vocabulary's mean
+    norm (seed `seed`), the same for every model.
     """
+    from fmn.families import family_for
+
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    device = pipe.unet.device
-    emb = pipe.text_encoder.get_input_embeddings().weight.detach()
+    family = family_for(pipe)
     g = torch.Generator().manual_seed(seed)
-    r = torch.randn(emb.shape[1], generator=g)
-    start = r / r.norm() * emb.norm(dim=-1).mean().cpu()
-    tpipe = with_token(pipe, start, token)
-    enc, tok = tpipe.text_encoder, tpipe.tokenizer
-    table = enc.get_input_embeddings().weight
-    enc.requires_grad_(False)
-    table.requires_grad_(True)
-    row = torch.zeros(table.shape[0], 1, device=table.device)
-    row[-1] = 1.0
-    table.register_hook(lambda grad: grad * row)  # only the new token's row learns
-    pix, which = probe_images(concept, n_images)
-    with torch.no_grad():
-        latents = pipe.vae.encode(pix.to(device, pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
-    ids = _token_ids(tok, probe_prompts(concept, token), device)
-    alphas = pipe.scheduler.alphas_cumprod.to(device, torch.float32)
-    opt = torch.optim.AdamW([table], lr=lr, weight_decay=0.0)
-    unet_grad = [p.requires_grad for p in pipe.unet.parameters()]
-    pipe.unet.requires_grad_(False)
+    tpipe = with_token(pipe, random_starts(pipe, g), token)
+    tfamily = family_for(tpipe)
+    tables = [getattr(tpipe, e).get_input_embeddings().weight for _, e in text_part_names(tpipe)]
+    for _, e in text_part_names(tpipe):
+        getattr(tpipe, e).requires_grad_(False)
+    new_rows_only(tables)
+    latents, which = probe_latents(pipe, concept, n_images, family.denoiser.device)
+    prompts = probe_prompts(concept, token)
+    opt = torch.optim.AdamW(tables, lr=lr, weight_decay=0.0)
+    grad_flags = [p.requires_grad for p in family.denoiser.parameters()]
+    family.denoiser.requires_grad_(False)
     losses = []
     try:
         for _ in range(steps):
-            i = torch.randint(len(latents), (2,), generator=g)
-            t = torch.randint(len(alphas), (2,), generator=g).to(device)
-            noise = torch.randn(latents[i].shape, generator=g).to(device)
-            a = alphas[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * latents[i] + (1 - a).sqrt() * noise
-            text = enc(ids[torch.tensor([which[k] for k in i.tolist()])])[0]
-            loss = F.mse_loss(pipe.unet(x_t, t, encoder_hidden_states=text).sample.float(), noise)
+            loss = inversion_loss(family, tfamily, latents, which, prompts, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
     finally:
-        for p, flag in zip(pipe.unet.parameters(), unet_grad):
+        for p, flag in zip(family.denoiser.parameters(), grad_flags):
             p.requires_grad_(flag)
-        table.requires_grad_(False)
-    vector = table[-1].detach().clone()
-    return {"vector": vector, "losses": losses, "pipe": with_token(pipe, vector, token), "steps": steps, "lr": lr}
+        for table in tables:
+            table.requires_grad_(False)
+    vectors = [table[-1].detach().clone() for table in tables]
+    return {"vectors": vectors, "vector": vectors[0], "losses": losses, "pipe": with_token(pipe, vectors, token),
+            "steps": steps, "lr": lr}
 
 
 @torch.no_grad()
 def embedding_similarity(pipe_with_token, concept: str, token: str = TOKEN) -> float:
     """Mean cosine similarity of the text encoder's outputs at the concept's slot, word vs token, over
-    the probe prompts (the toy encoder has no attention: a slot's output depends on its token and place)."""
+    the probe prompts (the UNet toy's encoder has no attention: a slot's output depends on its token and
+    place). The first text encoder's last hidden state (toy-mmdit: its CLIP-L analogue)."""
     tok, enc = pipe_with_token.tokenizer, pipe_with_token.text_encoder
     device = enc.device
-    word = enc(_token_ids(tok, probe_prompts(concept, concept), device))[0]
-    inv = enc(_token_ids(tok, probe_prompts(concept, token), device))[0]
+    word = enc(_token_ids(tok, probe_prompts(concept, concept), device)).last_hidden_state
+    inv = enc(_token_ids(tok, probe_prompts(concept, token), device)).last_hidden_state
     ids = _token_ids(tok, probe_prompts(concept, token), device)
     pos = int(torch.nonzero(ids[0] == tok.convert_tokens_to_ids(token))[0])
     word_ids = _token_ids(tok, probe_prompts(concept, concept), device)
@@ -216,28 +276,31 @@ def report(base, patched, concepts, classifier=None, steps: int = INVERSION_STEP
 
 def forget_with_inversion(pipe, concepts, rounds: int = 1, steps: int = INVERSION_STEPS, lr: float = INVERSION_LR,
                           **options):
-    """A defence against the inversion attack: fmn.forget with the toy defaults (fmn.toy.defaults, overridden
-    by `options`), then `rounds` times: invert each concept on the patched model (as the attack does) and
-    forget the inverted tokens together with the words (each token anchored like its word). Trains
-    pipe.unet in place; returns the per-round patches (each relative to the weights before it)."""
+    """A defence against the inversion attack: fmn.forget with the toy defaults (fmn.toy.defaults; toy-mmdit:
+    fmn.toy.mmdit_defaults), overridden by `options`, then `rounds` times: invert each concept on the patched
+    model (as the attack does) and forget the inverted tokens together with the words (each token anchored
+    like its word). Trains the pipeline's denoiser in place; returns the per-round patches (each relative to
+    the weights before it)."""
     import fmn
-    from fmn.toy.defaults import ANCHOR_STEPS, forget_defaults
+    from fmn.families import family_for
+    from fmn.toy import defaults, mmdit_defaults
 
+    toy = mmdit_defaults if family_for(pipe).name == "mmdit" else defaults
     concepts = [concepts] if isinstance(concepts, str) else list(concepts)
-    opts = dict(forget_defaults(concepts), **options)
+    opts = dict(toy.forget_defaults(concepts), **options)
     patches = [fmn.forget(pipe, concepts, inplace=True, progress=False, **opts)]
     for r in range(rounds):
         tpipe = pipe
         tokens = []
         for k, c in enumerate(concepts):
             token = f"<fmn-inv{r}-{k}>"
-            vector = invert(tpipe, c, steps, lr, seed=100 + r, token=token)["vector"]
-            tpipe = with_token(tpipe, vector, token)  # shares the UNet: training it trains pipe's
+            vectors = invert(tpipe, c, steps, lr, seed=100 + r, token=token)["vectors"]
+            tpipe = with_token(tpipe, vectors, token)  # shares the denoiser: training it trains pipe's
             tokens.append(token)
         round_opts = dict(opts)
         if opts.get("anchor"):
             round_opts["anchor"] = list(opts["anchor"]) * 2
             domain = "shape" if concepts[0] in SHAPES else "color"
-            round_opts["steps"] = options.get("steps", ANCHOR_STEPS[domain] * len(concepts))
+            round_opts["steps"] = options.get("steps", toy.ANCHOR_STEPS[domain] * len(concepts))
         patches.append(fmn.forget(tpipe, concepts + tokens, inplace=True, progress=False, **round_opts))
     return patches
