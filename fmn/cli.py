@@ -204,6 +204,8 @@ def cmd_forget(a):
         patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
         progress=not a.quiet, base_model=model_label(a.model))
     given = {k: v for k, v in given.items() if v is not None}
+    if a.patch_rank and a.patch_rel_error:
+        raise CLIError("--patch-rank and --patch-rel-error: give one of them, not both")
     try:
         ForgetOptions(**given)  # checked before the (slow) pipeline load
     except ValueError as e:
@@ -220,6 +222,10 @@ def cmd_forget(a):
     if not accelerator().is_main_process:
         return 0
     patch.validate()
+    if a.patch_rank or a.patch_rel_error:  # low-rank factor pairs; the grid shows what is saved
+        from fmn.compress import compress
+        patch = compress(patch, rank=a.patch_rank, rel_error=a.patch_rel_error)
+        patch.validate()
     outputs = [(a.out, lambda tmp: patch.save(tmp, force=True), False)]
     if a.grid:  # drawn before anything is written: an interrupt here leaves no patch behind
         prompts = a.grid_prompt or [templates(opts.template)[0].format(c) for c in a.concept] + _retain_prompts(a)
@@ -480,6 +486,14 @@ POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
 POSITIVE_FLOAT = _at_least(1e-300, float)
 
 
+def _unit_interval(text):
+    """A relative error: a number in (0, 1)."""
+    value = POSITIVE_FLOAT(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"must be < 1, got {text}")
+    return value
+
+
 def _toy_defaults_note() -> str:
     """The defaults that apply without --model: the built-in toy model's tuned values."""
     try:
@@ -571,6 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--patch-dtype", choices=list(PATCH_DTYPES), default="fp16",
                    help="deltas in fp16/bf16/fp32, int8 deltas with per-row scales (half of fp16), "
                         "or 'exact' trained tensors")
+    f.add_argument("--patch-rank", type=POSITIVE, default=None,
+                   help="store each changed weight as a rank-R factor pair (truncated SVD; fmn.compress)")
+    f.add_argument("--patch-rel-error", type=_unit_interval, default=None,
+                   help="per weight, the smallest rank within this relative (Frobenius) error, e.g. 0.2")
     f.add_argument("--gradient-checkpointing", action="store_true")
     f.add_argument("--max-grad-norm", type=float, default=None)
     f.add_argument("--strict", action="store_true",

@@ -285,3 +285,17 @@ def test_default_model_or_a_clear_error(builtin_circle, tmp_path):
     else:
         assert rc == 2 and "default model" in err and "--model" in err
         assert not out.exists()
+
+
+def test_forget_writes_a_low_rank_patch(sd1_folder, tmp_path):
+    from fmn.cli import main
+    out = tmp_path / "cat-r1.safetensors"
+    assert main(["forget", "--model", sd1_folder, "--concept", "cat", "--out", str(out), "--patch-rank", "1",
+                 *FAST_CLI]) == 0
+    p = load_patch(out)
+    assert p.summary["compression"]["rank"] == 1
+    assert any(name.endswith(".delta_up") for name in p.tensors)
+    for bad in (["--patch-rank", "0"], ["--patch-rel-error", "1.5"], ["--patch-rank", "2", "--patch-rel-error", "0.1"]):
+        assert main(["forget", "--model", sd1_folder, "--concept", "cat", "--out", str(tmp_path / "x.safetensors"),
+                     *bad, *FAST_CLI]) == 2
+    assert not (tmp_path / "x.safetensors").exists()
