@@ -38,6 +38,8 @@ from fmn.patch_check import (DOWN_SUFFIX, KINDS, N_SAMPLES, SCALE_SUFFIX, UP_SUF
                              fingerprint_hash, target_names)
 
 FORMAT = "fmn.patch/1"
+METADATA_KEYS = {"format", "fmn.format", "fmn.version", "fmn.kind", "fmn.concepts", "fmn.options", "fmn.base_model",
+                 "fmn.fingerprint", "fmn.summary", "fmn.checksum"}
 
 
 # ----------------------------------------------------------------------------- tensor lookup
@@ -250,6 +252,9 @@ class Patch:
         if meta.get("fmn.format") != FORMAT:
             raise PatchError(f"{path} is not an fmn patch (metadata fmn.format = {meta.get('fmn.format')!r}, "
                              f"expected {FORMAT!r})")
+        unknown = sorted(set(meta) - METADATA_KEYS)
+        if unknown:  # e.g. a damaged key name, which would otherwise hide the checksum
+            raise PatchError(f"{path}: unknown metadata {unknown}: the file was changed or damaged after it was written")
         if "fmn.checksum" in meta and meta["fmn.checksum"] != checksum(tensors, meta):
             raise PatchError(f"{path}: checksum mismatch: the file was changed or damaged after it was written")
         try:

@@ -263,3 +263,14 @@ def test_failure_half_way_restores_every_weight(base, good, monkeypatch):
     assert calls["n"] >= 3
     assert all(torch.equal(before[k], v) for k, v in snapshot(pipe).items()), "half-applied patch left behind"
     patch.apply(pipe)  # and it still applies afterwards
+
+
+def test_damaged_metadata_key_is_refused(base, target, good, tmp_path):
+    # one flipped bit in the key "fmn.checksum" must not switch the checksum off
+    data = good["fp16"][1].read_bytes()
+    pos = data.index(b"fmn.checksum") + len("fmn.checksu")
+    flipped = bytearray(data)
+    flipped[pos] ^= 1
+    bad = tmp_path / "key.safetensors"
+    bad.write_bytes(bytes(flipped))
+    assert "unknown metadata" in assert_refused(target, bad)
