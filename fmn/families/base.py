@@ -155,3 +155,16 @@ class ModelFamily(ABC):
         """The pipeline's output_type="latent" images in the denoiser's latent space, shaped like
         VAE-encoded reference images (identity by default; FLUX unpacks its 2x2-packed latents)."""
         return latents
+
+
+def tuned_defaults(forget_defaults, concepts, given=None) -> dict:
+    """A built-in model's tuned options for `concepts` (`forget_defaults(concepts, anchor=...)`), picked
+    under what was given: anchor "" / [] gives them without an anchor, train="lora" keeps the LoRA
+    learning rate."""
+    given = given or {}
+    anchor = given.get("anchor")
+    anchored = anchor is None or bool(anchor.strip() if isinstance(anchor, str) else anchor)
+    opts = forget_defaults(concepts, anchor=anchored)
+    if given.get("train") == "lora":
+        opts.pop("lr", None)
+    return opts

@@ -43,7 +43,7 @@ import math
 import torch
 
 from fmn import patch_check
-from fmn.families.base import ModelFamily
+from fmn.families.base import ModelFamily, tuned_defaults
 from fmn.mmdit_attention import is_mmdit, joint_attention_layers, suppress, use_fused_attention
 from fmn.spans import mmdit_family, mmdit_text_mask, pipeline_max_sequence_length
 
@@ -272,12 +272,6 @@ class MMDiTFamily(ModelFamily):
         given train="lora" keeps the LoRA learning rate."""
         if builtin_text_length(self.pipe) is not None:
             from fmn.toy.mmdit_defaults import forget_defaults
-            given = given or {}
-            anchor = given.get("anchor")
-            anchored = anchor is None or bool(anchor.strip() if isinstance(anchor, str) else anchor)
-            opts = forget_defaults(concepts, anchor=anchored)
-            if given.get("train") == "lora":
-                opts.pop("lr", None)
-            return opts
+            return tuned_defaults(forget_defaults, concepts, given)
         return {"guidance_scale": float(inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"]
                                         .default)}

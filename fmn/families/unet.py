@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fmn.attention import cross_attention_layers, suppress, use_fused_attention
-from fmn.families.base import ModelFamily, Prompts
+from fmn.families.base import ModelFamily, Prompts, tuned_defaults
 from fmn.spans import concept_token_mask
 
 TRAINABLE = {
@@ -140,13 +140,7 @@ class UNetFamily(ModelFamily):
         if not self.is_builtin_toy():
             return {}
         from fmn.toy.defaults import forget_defaults
-        given = given or {}
-        anchor = given.get("anchor")
-        anchored = anchor is None or bool(anchor.strip() if isinstance(anchor, str) else anchor)
-        opts = forget_defaults(concepts, anchor=anchored)
-        if given.get("train") == "lora":
-            opts.pop("lr", None)
-        return opts
+        return tuned_defaults(forget_defaults, concepts, given)
 
     def is_builtin_toy(self) -> bool:
         """Whether the pipeline was loaded from the shipped toy model's folder (fmn.toy.paths.is_built_in:
