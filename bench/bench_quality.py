@@ -58,7 +58,7 @@ FMN_VARIANTS = ["fmn attention / attn2", "fmn attention / attn2, no anchor",
 def methods(quick, first_task, anchored):
     """Every method on the first task; the baselines, fmn's defaults and fmn without the anchor (if the
     defaults have one) and without anchor and retain on the others (CPU time)."""
-    names = ["base", "negative prompt", "suppress", "esd-x"]
+    names = ["base", "negative prompt", "suppress", "esd-x", "fmn"]
     fmn_names = FMN_VARIANTS if first_task and not quick else FMN_VARIANTS[:3]
     return names + [n for n in fmn_names if anchored or "no anchor" not in n]
 
@@ -84,8 +84,12 @@ def make_model(name, base, concepts, esd_lr, lora_lr, seed=0, defaults=forget_de
         return base, {}, fmn.suppress(base, concepts), 0.0
     pipe = copy.deepcopy(base)
     start = time.perf_counter()
+    if name == "fmn":  # the defaults: the closed-form edit
+        fmn.forget(pipe, concepts, inplace=True, progress=False, **dict(defaults(concepts), seed=seed))
+        return pipe, {}, nullcontext(), time.perf_counter() - start
     drops = name.split(", ")[1:]
-    opts = dict(defaults(concepts, anchor="no anchor" not in drops and name != "esd-x"), seed=seed)
+    opts = dict(defaults(concepts, anchor="no anchor" not in drops and name != "esd-x", method="attention"),
+                seed=seed)
     default_train = opts.pop("train", "attn2")  # the model's trainable set, for its defaults' row
     if name == "esd-x":
         # ESD's prompts name the concept alone (its paper: the concept's name): the templates that name no
@@ -101,7 +105,7 @@ def make_model(name, base, concepts, esd_lr, lora_lr, seed=0, defaults=forget_de
         esd(pipe, concepts, latents, prompts=prompts, steps=opts["steps"], lr=esd_lr, train="attn2", seed=seed)
     else:
         loss, train = name.removeprefix("fmn ").split(", ")[0].split(" / ")
-        if name == ALL_METHODS[-1]:
+        if name == ATTENTION_RULE:
             train = default_train
         kw = dict(opts, lr=lora_lr) if train == "lora" else dict(opts)
         if "no retain" in drops:
@@ -111,7 +115,9 @@ def make_model(name, base, concepts, esd_lr, lora_lr, seed=0, defaults=forget_de
 
 
 ALL_TASKS = list(SHAPES) + list(COLORS) + ["circle+square", "red+blue", "triangle+star+heart", "green+yellow+purple"]
-ALL_METHODS = ["base", "negative prompt", "suppress", "esd-x", "fmn attention / attn2"]
+ATTENTION_RULE = "fmn attention / attn2"  # the built-in model's attention-loss rule (defaults(method="attention"))
+ALL_METHODS = ["base", "negative prompt", "suppress", "esd-x", ATTENTION_RULE, "fmn"]
+SHORT_NAMES = {ATTENTION_RULE: "fmn attention"}  # as the rows name them
 COLUMNS = ["task", "method", "UA", "IRA", "CRA", "IRA_rel", "CRA_rel", "train_s", "eval_s"]
 
 
@@ -142,7 +148,7 @@ def run_all(args):
                 with context:
                     m = evaluate_split(pipe, args.split, forgotten=concepts, classifier=classifier, **eval_kw)
             rel = relative_to(m, base_m) if base_m else {}
-            rows.append({"task": "+".join(concepts), "method": "fmn" if name == ALL_METHODS[-1] else name,
+            rows.append({"task": "+".join(concepts), "method": SHORT_NAMES.get(name, name),
                          "UA": m["ua"], "IRA": m["in_domain_retain"], "CRA": m["cross_domain_retain"],
                          "IRA_rel": rel.get("in_domain_retain_rel"), "CRA_rel": rel.get("cross_domain_retain_rel"),
                          "train_s": train_s, "eval_s": m["seconds"], "n_images": m["n_images"],
@@ -166,7 +172,7 @@ def missing(rows):
     """The task / method pairs of the full table (ALL_TASKS x ALL_METHODS) that have no row: a file with any
     is partial."""
     have = {(r["task"], r["method"]) for r in rows}
-    names = ["fmn" if m == ALL_METHODS[-1] else m for m in ALL_METHODS]
+    names = [SHORT_NAMES.get(m, m) for m in ALL_METHODS]
     return [f"{t} / {m}" for t in ALL_TASKS for m in names if (t, m) not in have]
 
 
@@ -193,7 +199,7 @@ def merge_all(paths, out):
     parts = [json.loads(Path(p).read_text()) for p in paths]
     rows = [r for part in parts for r in part["rows"]]
     order = {t: i for i, t in enumerate(ALL_TASKS)}
-    methods = ["base", "negative prompt", "suppress", "esd-x", "fmn"]
+    methods = [SHORT_NAMES.get(m, m) for m in ALL_METHODS]
     rows.sort(key=lambda r: (order.get(r["task"], 99), methods.index(r["method"]) if r["method"] in methods else 9))
     base = {r["task"]: r for r in rows if r["method"] == "base"}
     for r in rows:

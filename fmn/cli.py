@@ -163,15 +163,19 @@ def format_summary(patch, path=None) -> str:
     size = Path(path).stat().st_size if path and Path(path).exists() else patch.nbytes
     lines = [
         f"concepts      {', '.join(patch.concepts)}",
-        f"time          {s['seconds_total']:.2f} s total, {s['seconds_train']:.2f} s for {s['steps']} steps "
+        f"time          {s['seconds_total']:.2f} s total, {s.get('seconds_train', 0.0):.2f} s for {s['steps']} steps "
         f"(batch {s['batch_size']}, {s['device']})",
         f"peak memory   {mem}",
-        f"loss          {s['loss_before']:.5g} -> {s['loss_after']:.5g}"
-        + "".join(f", {k} {s[k + '_losses'][0]:.3g} -> {s[k + '_loss_after']:.3g}" for k in ("retain", "anchor")
-                  if s.get(k + "_losses")),
         f"patch         {patch.kind}, {len(patch.tensors)} tensors, {size / 2**20:.2f} MiB"
         + (f" -> {path}" if path else ""),
     ]
+    if "loss_before" in s:
+        lines.insert(3, f"loss          {s['loss_before']:.5g} -> {s['loss_after']:.5g}"
+                     + "".join(f", {k} {s[k + '_losses'][0]:.3g} -> {s[k + '_loss_after']:.3g}"
+                               for k in ("retain", "anchor") if s.get(k + "_losses")))
+    if "seconds_closed_form" in s:
+        lines.insert(2, f"closed form   {s['closed_form_layers']} layers in {s['seconds_closed_form']:.2f} s"
+                     + (f", {s['harden_rounds']} hardening rounds" if s.get("harden_rounds") else ""))
     if s.get("inverted_tokens"):
         lines.insert(1, f"inverted as   {s['inverted_tokens']}")
     return "\n".join(lines)
@@ -200,6 +204,7 @@ def cmd_forget(a):
         retain=a.retain, retain_weight=a.retain_weight, retain_samples=a.retain_samples,
         retain_images=a.retain_images, anchor=_anchor_arg(a.anchor), anchor_weight=a.anchor_weight,
         precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, backend=a.backend,
+        closed_form=a.closed_form, preserve_weight=a.preserve_weight, harden_rounds=a.harden_rounds,
         inversion=a.inversion, inversion_steps=a.inversion_steps, inversion_tokens=a.inversion_tokens,
         patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
         progress=not a.quiet, base_model=model_label(a.model))
@@ -495,20 +500,22 @@ def _unit_interval(text):
 
 
 def _toy_defaults_note() -> str:
-    """The defaults that apply without --model: the built-in toy model's tuned values."""
+    """The defaults that apply without --model: the built-in toy models' tuned values."""
     try:
         from fmn.toy import default_model_path
-        from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS
+        from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS, PRESERVE_WEIGHT
     except ImportError:
         return ""
     d = FORGET_DEFAULTS
     return (f"The defaults shown are the paper's, for --model (SD3 / FLUX.1: with the pipeline's own guidance "
-            f"scale). On the built-in toy model (no --model, --model toy, or --model {default_model_path()}) unset "
-            f"options take its tuned values, as fmn.forget does there: {ANCHOR_STEPS['shape']} steps per shape "
-            f"({ANCHOR_STEPS['color']} per colour) with an anchor, lr {d['lr']}, {d['n_images']} reference images "
-            f"of {d['gen_steps']} steps, retain weight {d['retain_weight']}, "
-            f"its caption forms as templates (fmn/toy/defaults.py). On --model toy-mmdit, its own likewise: "
-            + _toy_mmdit_defaults_note())
+            f"scale). On the built-in toy models (no --model, --model toy, --model {default_model_path()}, or "
+            f"--model toy-mmdit) unset options take their tuned values, as fmn.forget does there: the closed-form "
+            f"edit alone (--closed-form, --steps 0, --preserve-weight {PRESERVE_WEIGHT}), each concept turned into "
+            f"the next shape or colour (--anchor), the model's caption forms as templates, the other shapes or "
+            f"colours kept (fmn/toy/defaults.py). With --no-closed-form, the attention-loss rule: "
+            f"{ANCHOR_STEPS['shape']} steps per shape ({ANCHOR_STEPS['color']} per colour) with an anchor, lr "
+            f"{d['lr']}, {d['n_images']} reference images of {d['gen_steps']} steps, retain weight "
+            f"{d['retain_weight']}; on --model toy-mmdit: " + _toy_mmdit_defaults_note())
 
 
 def _toy_mmdit_defaults_note() -> str:
@@ -550,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--grid-steps", type=POSITIVE, default=None,
                    help="inference steps for --grid (default: --gen-steps)")
     f.add_argument("--grid-guidance-scale", type=float, default=None, help="default: the reference images' scale")
-    f.add_argument("--steps", type=POSITIVE, default=None, help="optimiser steps (default 35)")
+    f.add_argument("--steps", type=NON_NEGATIVE, default=None,
+                   help="optimiser steps (default 35; 0 with --closed-form: the closed-form edit alone)")
     f.add_argument("--lr", type=POSITIVE_FLOAT, default=None,
                    help="AdamW learning rate (default 2e-6; 1e-4 for --train lora)")
     f.add_argument("--seed", type=int, default=0)
@@ -577,6 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the concept should become (repeat: one per concept): its prompts' outputs are pulled "
                         "to the base model's with the anchor in its place (Concept Ablation); \"\" for none")
     f.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor loss (default 1)")
+    f.add_argument("--closed-form", action=argparse.BooleanOptionalAction, default=None,
+                   help="before training, solve the anchor edit in closed form on the layers that read the text "
+                        "(UCE): the concept's prompts become the anchor's, --retain phrases are kept")
+    f.add_argument("--preserve-weight", type=POSITIVE_FLOAT, default=None,
+                   help="closed form: weight of the kept prompts against the concept's (default 1)")
+    f.add_argument("--harden-rounds", type=NON_NEGATIVE, default=None,
+                   help="closed form: rounds of inverting the concept on the edited model and solving again "
+                        "with the inverted tokens (default 0)")
     f.add_argument("--lora-rank", type=POSITIVE, default=4)
     f.add_argument("--lora-alpha", type=float, default=None)
     f.add_argument("--inversion", action="store_true", help="concept inversion (textual inversion) first")

@@ -46,6 +46,13 @@ class ForgetOptions:
                                        # paper): one phrase, or one per concept; its outputs held to the base's
                                        # with the anchor in the concept's place
     anchor_weight: float = 1.0         # weight of the anchor loss
+    closed_form: bool = False          # before training, the anchor edit solved in closed form on the layers
+                                       # that read the text (fmn.closed_form, UCE; not in the paper): the
+                                       # concept's prompts -> the anchor's ("" without an anchor), the retained
+                                       # phrases' and the empty prompt kept; steps=0 then trains nothing after it
+    preserve_weight: float = 1.0       # closed form: weight of the kept prompts against the concept's
+    harden_rounds: int = 0             # closed form: rounds of inverting the concept on the edited model
+                                       # (fmn.inversion) and solving again with the inverted tokens added
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
     max_grad_norm: float | None = None  # gradient clipping (off, as in effect in the authors' code)
@@ -71,8 +78,20 @@ class ForgetOptions:
     def __post_init__(self):
         def bad(msg):
             raise ValueError(msg)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            bad(f"steps must be a positive int, got {self.steps!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            bad(f"steps must be an int >= 1 (>= 0 with closed_form), got {self.steps!r}")
+        if not isinstance(self.closed_form, bool):
+            bad(f"closed_form must be True or False, got {self.closed_form!r}")
+        if self.steps == 0 and not self.closed_form:
+            bad("steps must be >= 1 unless closed_form=True (steps=0: the closed-form edit alone)")
+        if self.closed_form and self.train == "lora":
+            bad("closed_form edits the base weights and cannot be combined with train='lora'")
+        if not (self.preserve_weight > 0 and math.isfinite(self.preserve_weight)):
+            bad(f"preserve_weight must be positive, got {self.preserve_weight!r}")
+        if isinstance(self.harden_rounds, bool) or not isinstance(self.harden_rounds, int) or self.harden_rounds < 0:
+            bad(f"harden_rounds must be an int >= 0, got {self.harden_rounds!r}")
+        if self.harden_rounds and not self.closed_form:
+            bad("harden_rounds needs closed_form=True")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             bad(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.train not in TRAIN_SETS:

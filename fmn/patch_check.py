@@ -41,6 +41,18 @@ TRAIN_SETS = {
     },
 }
 COMPONENTS = tuple(TRAIN_SETS)
+# component -> the layers a closed-form edit (options["closed_form"], fmn.closed_form) changes, by what they
+# read: "embeds" the prompts' token embeddings, "pooled" the pooled text vector. The families read them here.
+CLOSED_FORM_LAYERS = {
+    "unet": {"embeds": lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n},
+    "transformer": {"embeds": lambda n: n.startswith("context_embedder."),
+                    "pooled": lambda n: n.startswith("time_text_embed.text_embedder.linear_1.")},
+}
+
+
+def in_closed_form_edit(component, param) -> bool:
+    """Whether a closed-form edit changes the component's parameter `param` (its weight only)."""
+    return param.endswith(".weight") and any(keep(param) for keep in CLOSED_FORM_LAYERS[component].values())
 
 
 class PatchError(ValueError):
@@ -196,8 +208,10 @@ def check_tensors(kind, tensors, fp, options) -> None:
         component, _, param = name.partition(".")
         if component not in COMPONENTS or not param:
             _fail(f"patch tensor {name} is outside what fmn changes (components {COMPONENTS})")
-        if not TRAIN_SETS[component][train](param):
-            _fail(f"patch tensor {name} is outside the trainable set train={train!r}")
+        edited = options.get("closed_form") is True and in_closed_form_edit(component, param)
+        if not (TRAIN_SETS[component][train](param) or edited):
+            _fail(f"patch tensor {name} is outside the trainable set train={train!r}"
+                  + (" and the closed-form edit" if options.get("closed_form") is True else ""))
         _check_group(kind, name, _group(kind, tensors, name))
     expected = {k for name in names for k in _keys(kind, name)}
     extra = sorted(set(tensors) - expected)

@@ -15,16 +15,18 @@ def lora_scale(opts) -> float:
 
 
 class TrainableSet:
-    """The parameters a run trains, in fp32, and what is needed to give the weights back.
+    """The parameters a run trains (or edits in closed form), in fp32, and what is needed to give the weights back.
 
-    `named`: (name, parameter) pairs trained; `saved`: the base tensors of a non-LoRA set (CPU
-    copies); `fingerprint`: of the base tensors the result will touch (fmn.patch.fingerprint).
+    `named`: (name, parameter) pairs trained; `edited`: (name, input kind, layer) of a closed-form edit
+    (opts.closed_form; fmn.closed_form); `saved`: the base tensors of both (CPU copies); `fingerprint`: of
+    the base tensors the result will touch (fmn.patch.fingerprint).
     Filled step by step, so that `restore` also undoes a set-up that failed half way.
     """
 
     def __init__(self, family, opts):
         self.family, self.opts = family, opts
         self.named, self.saved, self.lora, self.fingerprint = [], {}, False, {}
+        self.edited = []  # (name, input kind, layer) a closed-form edit changes (fmn.closed_form)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -42,11 +44,15 @@ class TrainableSet:
             self._add_lora(model)
         else:
             self.named = self.family.trainable(self.opts.train)
-            self.fingerprint = fingerprint(self.family.pipe, [self.prefixed(n) for n, _ in self.named])
-            for n, p in self.named:
+            if self.opts.closed_form:
+                self.edited = self.family.closed_form_layers()
+            touched = dict(self.named) | {n: layer.weight for n, _, layer in self.edited}
+            self.fingerprint = fingerprint(self.family.pipe, [self.prefixed(n) for n in touched])
+            for n, p in touched.items():
                 self.saved[n] = p.detach().to("cpu", copy=True)
                 if p.dtype != torch.float32:
                     p.data = p.data.float()  # fp32 master weights
+            for _, p in self.named:
                 p.requires_grad_(True)
         return self
 
@@ -70,7 +76,8 @@ class TrainableSet:
             from peft.utils import get_peft_model_state_dict
             state = get_peft_model_state_dict(self.family.denoiser, adapter_name=ADAPTER)
             return {k: v.detach().float().cpu() for k, v in state.items()}
-        return {n: p.detach().float().cpu() for n, p in self.named}
+        touched = dict(self.named) | {n: layer.weight for n, _, layer in self.edited}
+        return {n: p.detach().float().cpu() for n, p in touched.items()}
 
     @torch.no_grad()
     def restore(self, keep: bool):

@@ -33,13 +33,14 @@ import time
 
 import torch
 
+from fmn import closed_form
 from fmn.families import family_for
 from fmn.families.base import Prompts
 from fmn.inversion import invert
 from fmn.losses import Batch, Run, anchor_cache, cached_loss, forgetting_step, retain_cache, sample_batch, train
 from fmn.options import PATCH_DTYPES, ForgetError, ForgetOptions, templates
 from fmn.patch import Patch
-from fmn.references import reference_latents
+from fmn.references import References, reference_latents
 from fmn.restore import PipelineState
 from fmn.runtime import accelerator, autocast_for, peak_memory, peak_rss, reset_peak_memory
 from fmn.trainable import TrainableSet, lora_scale
@@ -94,6 +95,30 @@ def encode_all(family, concepts, words, anchors, tpl, opts, parts) -> dict:
     return texts
 
 
+def closed_form_edit(family, trainable, texts, concepts, anchors, tpl, opts, parts, refs, device, autocast) -> dict:
+    """The closed-form anchor edit (fmn.closed_form) of trainable.edited, then opts.harden_rounds rounds of
+    inverting the concepts on the edited model (fmn.inversion, from the reference latents) and solving again
+    with the inverted tokens' prompts added to the concept's. Returns the summary's figures."""
+    t0 = time.perf_counter()
+    concept_of = concept_prompts(concepts, tpl)[1]
+    target = texts.get("anchor") or encode(family, [""] * len(concepts), tpl, concept_of, opts, parts)
+    keep = [encode(family, [*opts.retain, ""], tpl, [0] * (len(opts.retain) + 1) * len(tpl), opts, parts),
+            encode(family, [""], ["{}"], [0], opts, parts)]  # the retained phrases, the bare templates, ""
+    concept_texts, targets = [texts["concept"]], [target]
+    closed_form.edit(trainable.edited, trainable.saved, concept_texts, targets, keep, opts.preserve_weight)
+    for r in range(opts.harden_rounds):
+        family.denoiser.requires_grad_(False)
+        round_opts = dataclasses.replace(opts, seed=opts.seed + 1000 * (r + 1))
+        round_parts, round_words = invert(family, concepts, refs.items, tpl, round_opts, device, autocast)
+        concept_texts.append(encode(family, round_words, tpl, concept_of, opts, round_parts))
+        targets.append(target)
+        closed_form.edit(trainable.edited, trainable.saved, concept_texts, targets, keep, opts.preserve_weight)
+    for p in trainable.params:
+        p.requires_grad_(True)
+    return {"seconds_closed_form": round(time.perf_counter() - t0, 4), "closed_form_layers": len(trainable.edited),
+            "harden_rounds": opts.harden_rounds}
+
+
 def build_run(family, accel, opts, device, items, text, params, autocast, attention) -> Run:
     optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=tuple(opts.betas), weight_decay=opts.weight_decay)
     model = family.denoiser
@@ -133,6 +158,23 @@ def train_and_measure(run, caches, accel, concepts, params) -> dict:
             "losses": seen["forget"],
             "retain_loss_after": after.get("retain"), "retain_losses": seen["retain"] or None,
             "anchor_loss_after": after.get("anchor"), "anchor_losses": seen["anchor"] or None}
+
+
+def train_steps(family, accel, opts, device, refs, texts, trainable, autocast, handle, concepts) -> dict:
+    """The training loop (opts.steps steps) with its caches; the summary's figures."""
+    if opts.gradient_checkpointing:
+        family.denoiser.enable_gradient_checkpointing()
+    run = build_run(family, accel, opts, device, refs.items, texts["concept"], trainable.params, autocast,
+                    handle.context)
+    caches = {}
+    if "retain" in texts:
+        caches["retain"] = retain_cache(run, texts["retain"], refs.retain)
+    if "anchor" in texts:
+        caches["anchor"] = anchor_cache(run, texts["anchor"], refs.anchor)
+    figures = train_and_measure(run, caches, accel, concepts, trainable.params)
+    if accel.num_processes > 1:
+        run.model = accel.unwrap_model(run.model, keep_fp32_wrapper=False)
+    return figures
 
 
 def forget(pipe, concepts, images=None, **options) -> Patch:
@@ -176,29 +218,26 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
     handle, ok = None, False
     try:
         pipe.to(device)
-        refs = reference_latents(family, concepts, images, anchors, tpl, opts, device)
+        needs_images = opts.steps or opts.harden_rounds or opts.inversion  # the closed form alone reads none
+        refs = reference_latents(family, concepts, images, anchors, tpl, opts, device) if needs_images \
+            else References([], [], [])
         parts, words = family.text_parts(), concepts
         if opts.inversion:
             family.denoiser.requires_grad_(False)
             parts, words = invert(family, concepts, refs.items, tpl, opts, device, autocast)
         texts = encode_all(family, concepts, words, anchors, tpl, opts, parts)
+        trainable.setup()
+        figures = {}
+        if opts.closed_form:
+            figures = closed_form_edit(family, trainable, texts, concepts, anchors, tpl, opts, parts, refs, device,
+                                       autocast)
         del parts
         if opts.offload and device.type == "cuda":
             state.offload_text_and_vae()
-        trainable.setup()
-        if opts.gradient_checkpointing:
-            family.denoiser.enable_gradient_checkpointing()
-        handle = family.fused_attention(opts.backend)
-        run = build_run(family, accel, opts, device, refs.items, texts["concept"], trainable.params, autocast,
-                        handle.context)
-        caches = {}
-        if "retain" in texts:
-            caches["retain"] = retain_cache(run, texts["retain"], refs.retain)
-        if "anchor" in texts:
-            caches["anchor"] = anchor_cache(run, texts["anchor"], refs.anchor)
-        figures = train_and_measure(run, caches, accel, concepts, trainable.params)
-        if accel.num_processes > 1:
-            run.model = accel.unwrap_model(run.model, keep_fp32_wrapper=False)
+        if opts.steps:
+            handle = family.fused_attention(opts.backend)
+            figures.update(train_steps(family, accel, opts, device, refs, texts, trainable, autocast, handle,
+                                       concepts))
         summary = {
             "seconds_total": round(time.perf_counter() - t_start, 4), "steps": opts.steps,
             "batch_size": opts.batch_size, "device": str(device), "peak_memory_bytes": peak_memory(device),

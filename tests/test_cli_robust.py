@@ -207,3 +207,4 @@ def test_forget_help_names_the_defaults_that_apply(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "default 35" in text  # the paper's, for --model
     assert f"{ANCHOR_STEPS['shape']} steps per shape" in text and f"lr {FORGET_DEFAULTS['lr']}" in text
+    assert "closed-form edit alone (--closed-form, --steps 0" in text

@@ -170,17 +170,26 @@ def test_toy_forget_defaults_retain_the_other_concepts_of_the_forgotten_domain()
 
 
 def test_toy_forget_defaults_anchor_each_forgotten_shape_on_the_next_kept_one():
-    from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS, anchor_for, forget_defaults
+    from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS, anchor_for, attention_defaults, forget_defaults
     assert anchor_for("circle") == ["square"] and anchor_for("heart") == ["circle"]
     assert anchor_for(["circle", "square"]) == ["triangle", "triangle"]
     assert anchor_for("red") == ["green"] and anchor_for(["purple", "red"]) == ["green", "green"]
     assert anchor_for(["circle", "red"]) == anchor_for("a dragon") == anchor_for(None) == []
     assert anchor_for(["circle", "square", "triangle", "star", "heart"]) == []  # nothing left to become
-    assert forget_defaults(["circle", "square"])["steps"] == 2 * ANCHOR_STEPS["shape"]
-    assert forget_defaults("red")["steps"] == ANCHOR_STEPS["color"]
+    assert attention_defaults(["circle", "square"])["steps"] == 2 * ANCHOR_STEPS["shape"]
+    assert attention_defaults("red")["steps"] == ANCHOR_STEPS["color"]
     for concept in ("circle", "red"):
-        plain = forget_defaults(concept, anchor=False)
+        plain = attention_defaults(concept, anchor=False)
         assert "anchor" not in plain and plain["steps"] == FORGET_DEFAULTS["steps"]
+        # the defaults: the closed-form edit alone over the same prompts, anchor and retained phrases
+        closed = forget_defaults(concept)
+        assert closed["closed_form"] is True and closed["steps"] == 0
+        same = ("closed_form", "steps", "preserve_weight")
+        assert {k: v for k, v in closed.items() if k not in same} \
+            == {k: v for k, v in attention_defaults(concept).items() if k not in same}
+        assert forget_defaults(concept, method="attention") == attention_defaults(concept)
+    with pytest.raises(ValueError, match="method"):
+        forget_defaults("circle", method="fast")
 
 
 @pytest.mark.parametrize("concept", ["circle", "heart", "red"])

@@ -385,8 +385,8 @@ def test_short_toy_run_is_bit_identical_to_the_pinned_patch():
     """The toy main job's code path (anchor, retain term, caption-form templates), 3 steps.
     The figure is CPU-specific: another CPU family may round convolutions differently."""
     from fmn.toy import load_default_pipeline
-    from fmn.toy.defaults import forget_defaults
-    opts = forget_defaults("circle")
+    from fmn.toy.defaults import attention_defaults
+    opts = attention_defaults("circle")
     opts.update(steps=3, n_images=2, gen_steps=3, retain_samples=4, progress=False, backend="reference")
     assert torch.get_num_threads() == 1  # tests/conftest.py
     patch = forget(load_default_pipeline(), ["circle"], **opts)
@@ -408,3 +408,4 @@ def test_python_forget_on_the_built_in_toy_model_takes_its_tuned_defaults():
     assert list(got["template"]) == toy["template"] and len(toy["template"]) > 2
     assert list(got["anchor"]) == toy["anchor"] == ["square"] and got["anchor_weight"] == toy["anchor_weight"]
     assert list(got["retain"]) == toy["retain"] and got["retain_weight"] == toy["retain_weight"]
+    assert got["closed_form"] is True and patch.summary["closed_form_layers"] == 14  # then the 2 steps given

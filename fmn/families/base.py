@@ -130,6 +130,16 @@ class ModelFamily(ABC):
     def trainable(self, train: str) -> list[tuple[str, torch.nn.Parameter]]:
         """The denoiser's (name, parameter) pairs of trainable set `train` (not "lora")."""
 
+    def closed_form_layers(self) -> list[tuple[str, str, torch.nn.Linear]]:
+        """(parameter name, input kind, layer) of every linear layer a closed-form edit changes (fmn.closed_form;
+        which ones: fmn.patch_check.CLOSED_FORM_LAYERS): input kind "embeds" reads the prompts' token
+        embeddings, "pooled" the pooled text vector."""
+        from fmn.patch_check import CLOSED_FORM_LAYERS
+
+        kinds = CLOSED_FORM_LAYERS[self.component]
+        return [(f"{n}.weight", kind, m) for n, m in self.denoiser.named_modules() if isinstance(m, torch.nn.Linear)
+                for kind, keep in kinds.items() if keep(f"{n}.weight")]
+
     @abstractmethod
     def lora_targets(self) -> list[str]:
         """Module-name suffixes a train="lora" adapter wraps (peft target_modules)."""
@@ -159,12 +169,15 @@ class ModelFamily(ABC):
 
 def tuned_defaults(forget_defaults, concepts, given=None) -> dict:
     """A built-in model's tuned options for `concepts` (`forget_defaults(concepts, anchor=...)`), picked
-    under what was given: anchor "" / [] gives them without an anchor, train="lora" keeps the LoRA
-    learning rate."""
+    under what was given: anchor "" / [] gives them without an anchor, closed_form=False (or
+    train="lora") the attention-loss rule instead of the closed-form edit, train="lora" keeps the LoRA learning
+    rate."""
     given = given or {}
     anchor = given.get("anchor")
     anchored = anchor is None or bool(anchor.strip() if isinstance(anchor, str) else anchor)
-    opts = forget_defaults(concepts, anchor=anchored)
+    attention = given.get("closed_form") is False or given.get("train") == "lora"  # lora trains an adapter only
+    method = "attention" if attention else "closed-form"
+    opts = forget_defaults(concepts, anchor=anchored, method=method)
     if given.get("train") == "lora":
         opts.pop("lr", None)
     return opts

@@ -66,7 +66,8 @@ The sweep before the anchor (150 steps, lr 1e-3, 2 seeds x 25 prompts):
 """
 from fmn.toy.data import COLOR_TEMPLATES, COLORS, FULL_TEMPLATES, SHAPE_TEMPLATES, SHAPES
 
-FORGET_DEFAULTS = {
+FORGET_DEFAULTS = {  # the attention-loss rule's (forget_defaults' method="attention")
+    "closed_form": False,
     "steps": 150,
     "lr": 1e-3,
     "template": ["a {}", "a photo of a {}"],
@@ -77,6 +78,8 @@ FORGET_DEFAULTS = {
     "retain_images": 0,
 }
 ANCHOR_WEIGHT = 16.0
+METHODS = ("closed-form", "attention")
+PRESERVE_WEIGHT = 1.0  # closed form: tuning split, all ten concepts UA 1.0 at retains 1.00 with 0.1, 1 and 10 alike
 ANCHOR_STEPS = {"shape": 100, "color": 200}  # per forgotten concept, with its anchor
 
 
@@ -131,11 +134,28 @@ def anchor_for(concepts) -> list[str]:
     return []
 
 
-def forget_defaults(concepts=None, anchor: bool = True) -> dict:
-    """A fresh copy of the toy model's forgetting options (fmn.forget keyword arguments); with
-    `concepts`, also their templates (templates_for), what to retain (retain_for) and, unless
-    anchor=False, what they become (anchor_for). Without an anchor: 150 steps; colours alone then use
-    retain weight 4 ("red": UA 1.0, in-domain retain 0.79 of base)."""
+def forget_defaults(concepts=None, anchor: bool = True, method: str = "closed-form") -> dict:
+    """A fresh copy of the toy model's forgetting options (fmn.forget keyword arguments): with
+    method="closed-form" (the default) the closed-form edit alone (closed_form=True, steps=0,
+    PRESERVE_WEIGHT) over attention_defaults(concepts, anchor), whose training options then apply only
+    if steps are given; method="attention": attention_defaults, the attention-loss rule."""
+    return with_method(attention_defaults(concepts, anchor), method)
+
+
+def with_method(opts: dict, method: str) -> dict:
+    """opts (a built-in model's attention-loss options) for `method` (METHODS); shared with fmn.toy.mmdit_defaults."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "closed-form":
+        opts.update(closed_form=True, steps=0, preserve_weight=PRESERVE_WEIGHT)
+    return opts
+
+
+def attention_defaults(concepts=None, anchor: bool = True) -> dict:
+    """The attention-loss rule (the defaults before the closed form): with `concepts`, their templates
+    (templates_for), what to retain (retain_for) and, unless anchor=False, what they become (anchor_for).
+    Without an anchor: 150 steps; colours alone then use retain weight 4 ("red": UA 1.0, in-domain retain
+    0.79 of base)."""
     opts = {k: (list(v) if isinstance(v, list) else v) for k, v in FORGET_DEFAULTS.items()}
     names, shape, color = _domains(concepts)
     anchors = anchor_for(concepts) if anchor else []

@@ -27,9 +27,10 @@ more and move the other shapes; no tried rule reached UA >= 0.95 at retains >= 0
 concepts. Held-out figures for all ten: bench/results/quality_all_toy_mmdit_cpu.json (README).
 """
 from fmn.toy.data import COLORS, SHAPES
-from fmn.toy.defaults import anchor_for, retain_for, templates_for
+from fmn.toy.defaults import anchor_for, retain_for, templates_for, with_method
 
-FORGET_DEFAULTS = {
+FORGET_DEFAULTS = {  # the attention-loss rule's (forget_defaults' method="attention")
+    "closed_form": False,
     "lr": 5e-4,
     "train": "attn2",
     "n_images": 8,
@@ -44,10 +45,18 @@ ANCHOR_STEPS = {"shape": 200, "color": 200}  # per forgotten concept, with its a
 UNANCHORED_STEPS = 150
 
 
-def forget_defaults(concepts=None, anchor: bool = True) -> dict:
-    """A fresh copy of toy-mmdit's forgetting options (fmn.forget keyword arguments); with `concepts`, also
-    their templates, what to retain and, unless anchor=False, what they become (as fmn.toy.defaults does for
-    the UNet toy): ANCHOR_STEPS per forgotten shape / colour with an anchor, UNANCHORED_STEPS without."""
+def forget_defaults(concepts=None, anchor: bool = True, method: str = "closed-form") -> dict:
+    """A fresh copy of toy-mmdit's forgetting options (fmn.forget keyword arguments), as fmn.toy.defaults'
+    for the UNet toy: method="closed-form" (the default) the closed-form edit of the context embedder alone
+    over attention_defaults (whose training options apply only if steps are given); "attention" the
+    attention-loss rule."""
+    return with_method(attention_defaults(concepts, anchor), method)
+
+
+def attention_defaults(concepts=None, anchor: bool = True) -> dict:
+    """The attention-loss rule: with `concepts`, their templates, what to retain and, unless anchor=False,
+    what they become (as fmn.toy.defaults does for the UNet toy): ANCHOR_STEPS per forgotten shape / colour
+    with an anchor, UNANCHORED_STEPS without."""
     opts = {k: (list(v) if isinstance(v, list) else v) for k, v in FORGET_DEFAULTS.items()}
     names = [concepts] if isinstance(concepts, str) else list(concepts or [])
     anchors = anchor_for(names) if anchor else []
