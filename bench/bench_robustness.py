@@ -1,15 +1,17 @@
-"""How forgotten a concept stays on the built-in toy model (issue 17, item 3): the paper's Memorization
-Score and an inversion attack, for fmn's defaults, fmn with the inversion defence
-(fmn.toy.robustness.forget_with_inversion) and ESD-x, plus the base model for reference.
+"""How forgotten a concept stays on the built-in toy models (issue 17, item 3): the paper's Memorization
+Score and an inversion attack, for fmn's defaults (the closed-form edit), the closed form hardened against
+inversion (harden_rounds: fmn.inversion on its reference images; +inversion: fmn.toy.robustness.forget_with_inversion,
+the attack's own inversion with other seeds), fmn's attention-loss rule with and without that defence and
+ESD-x (UNet only), plus the base model for reference.
 
-Per concept and method: train (forgetting seed 1, as bench_quality --all), then
+Per concept and method: forget (forgetting seed 1, as bench_quality --all), then
   MS       Memorization Score: cosine of the token inverted on the model to the concept word's embedding
            (toy text encoder, at the word's slot), and its change from the base model's inversion
   attack   share of 5 prompts x 4 seeds drawn from the token inverted on the model that show the concept
   UA, IRA/base, CRA/base on the held-out split (the defence's cost), unless --no-eval
-Writes bench/results/robustness_cpu.json (rows as they come).
+Writes bench/results/robustness_cpu.json (--model toy-mmdit: robustness_toy_mmdit_cpu.json), rows as they come.
 
-    python bench/bench_robustness.py [--concepts circle red] [--methods fmn fmn+inversion esd-x]
+    python bench/bench_robustness.py [--model toy-mmdit] [--concepts circle red] [--methods fmn fmn+inversion]
 """
 import argparse
 import copy
@@ -21,40 +23,55 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import make_model  # noqa: E402
+from bench_quality import ATTENTION_RULE, defaults_for, make_model  # noqa: E402
 from common import RESULTS, machine_info, print_table, write_json_atomic  # noqa: E402
 
-from fmn.toy import evaluate_split, load_classifier, load_default_pipeline, relative_to  # noqa: E402
+import fmn  # noqa: E402
+from fmn.families import family_for  # noqa: E402
+from fmn.toy import evaluate_split, load_classifier, load_pipeline, relative_to  # noqa: E402
 from fmn.toy import robustness as rb  # noqa: E402
 
-METHODS = ["base", "fmn", "fmn+inversion", "esd-x"]
+METHODS = ["base", "fmn", "fmn+harden", "fmn+inversion", "fmn attention", "fmn attention+inversion", "esd-x"]
+HARDEN_ROUNDS = 3
 COLUMNS = ["concept", "method", "MS", "MS_change", "attack", "UA", "IRA_rel", "CRA_rel", "train_s", "robust_s"]
 
 
 def train(name, base, concept, args):
     if name == "base":
         return base, 0.0
-    if name == "fmn+inversion":
-        pipe, t0 = copy.deepcopy(base), time.perf_counter()
-        rb.forget_with_inversion(pipe, concept, rounds=1, steps=args.steps, seed=args.forget_seed)
+    pipe, t0 = copy.deepcopy(base), time.perf_counter()
+    if name.endswith("+inversion"):
+        method = "attention" if name.startswith("fmn attention") else "closed-form"
+        rb.forget_with_inversion(pipe, concept, rounds=args.rounds, steps=args.steps, method=method,
+                                 seed=args.forget_seed)
         return pipe, time.perf_counter() - t0
-    pipe, _, _, train_s = make_model("fmn attention / attn2" if name == "fmn" else name, base, [concept],
-                                     args.esd_lr, None, seed=args.forget_seed)
+    if name == "fmn+harden":
+        opts = dict(defaults_for(args.model)([concept]), harden_rounds=HARDEN_ROUNDS, seed=args.forget_seed)
+        fmn.forget(pipe, [concept], inplace=True, progress=False, **opts)
+        return pipe, time.perf_counter() - t0
+    pipe, _, _, train_s = make_model(ATTENTION_RULE if name == "fmn attention" else name, base, [concept],
+                                     args.esd_lr, None, seed=args.forget_seed, defaults=defaults_for(args.model))
     return pipe, train_s
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="toy", choices=["toy", "toy-mmdit"])
     ap.add_argument("--concepts", nargs="+", default=["circle", "red"])
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of the +inversion defences")
+    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "esd-x"], choices=METHODS)
     ap.add_argument("--steps", type=int, default=rb.INVERSION_STEPS, help="inversion steps (attack and MS)")
     ap.add_argument("--forget-seed", type=int, default=1)
     ap.add_argument("--esd-lr", type=float, default=2e-3)
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out UA / retain evaluation")
-    ap.add_argument("--out", type=Path, default=RESULTS / "robustness_cpu.json")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.model == "toy-mmdit" and "esd-x" in args.methods:
+        ap.error("esd-x is UNet-only (fmn.baselines.esd)")
+    args.out = args.out or RESULTS / ("robustness_toy_mmdit_cpu.json" if args.model == "toy-mmdit"
+                                      else "robustness_cpu.json")
     torch.set_num_threads(1)
-    base = load_default_pipeline()
+    base = load_pipeline(args.model)
     classifier = load_classifier()
     from fmn.runtime import accelerator
     accelerator()
@@ -75,7 +92,8 @@ def main():
             row["robust_s"] = time.perf_counter() - t0
             row["load_1min"] = os.getloadavg()[0]
             if not args.no_eval:
-                m = evaluate_split(pipe, "held-out", forgotten=concept, classifier=classifier)
+                m = evaluate_split(pipe, "held-out", forgotten=concept, classifier=classifier,
+                                   **family_for(pipe).pipeline_kwargs())
                 if name == "base":
                     base_eval[concept] = m
                 rel = relative_to(m, base_eval[concept]) if concept in base_eval else {}
@@ -84,7 +102,8 @@ def main():
             rows.append(row)
             print_table(rows[-1:], COLUMNS)
             write_json_atomic(args.out, {
-                "benchmark": "robustness of forgetting on the built-in toy model", "machine": machine_info(),
+                "benchmark": f"robustness of forgetting on the built-in {args.model} model", "model": args.model,
+                "machine": machine_info(), "harden_rounds": HARDEN_ROUNDS, "inversion_defence_rounds": args.rounds,
                 "inversion": {"steps": args.steps, "lr": rb.INVERSION_LR, "batch": 2, "probe_images": rb.PROBE_IMAGES,
                               "start": "random direction at the vocabulary's mean norm, seed 0"},
                 "attack_images": f"5 probe prompts x seeds {list(rb.ATTACK_SEEDS)}", "forget_seed": args.forget_seed,

@@ -37,8 +37,8 @@ def solve(weight: torch.Tensor, concept: torch.Tensor, anchor: torch.Tensor, kee
     """The edited weight [out, in] (the objective in the module docstring); concept, anchor: [n, in] rows
     in matching order; keep: [m, in] rows. Returned in weight's dtype and device."""
     if concept.shape != anchor.shape or concept.shape[-1] != weight.shape[1] or keep.shape[-1] != weight.shape[1]:
-        raise ValueError(f"closed-form edit: rows must be [n, {weight.shape[1]}] with as many anchor as concept "
-                         f"rows, got concept {list(concept.shape)}, anchor {list(anchor.shape)}, keep {list(keep.shape)}")
+        raise ValueError(f"closed-form edit: rows must be [n, {weight.shape[1]}] with as many anchor as concept rows, "
+                         f"got concept {list(concept.shape)}, anchor {list(anchor.shape)}, keep {list(keep.shape)}")
     w = weight.detach().double().cpu()
     c, a, k = concept.double().cpu(), anchor.double().cpu(), keep.double().cpu()
     keep_gram = preserve_weight * (k.T @ k)
@@ -55,10 +55,13 @@ def edit(layers, bases: dict, concept: list, target: list, keep: list, preserve_
     weight bases[name]. concept, target, keep: lists of fmn.families.base.Prompts (target: one row per
     concept row, same slots); input kind "embeds" reads their token embeddings, "pooled" their pooled vectors."""
     for name, kind, layer in layers:
-        def stack(prompts):
-            got = [p.embeds if kind == "embeds" else p.pooled for p in prompts]
-            return None if any(g is None for g in got) else torch.cat([rows(g) for g in got])
-        c, a, k = stack(concept), stack(target), stack(keep)
+        c, a, k = (stacked(texts, kind) for texts in (concept, target, keep))
         if c is None or a is None or k is None:
             continue
         layer.weight.data = solve(bases[name].to(layer.weight), c, a, k, preserve_weight)
+
+
+def stacked(prompts: list, kind: str) -> torch.Tensor | None:
+    """The rows of input kind `kind` ("embeds" or "pooled") of every Prompts in the list, or None if one lacks them."""
+    got = [p.embeds if kind == "embeds" else p.pooled for p in prompts]
+    return None if any(g is None for g in got) else torch.cat([rows(g) for g in got])

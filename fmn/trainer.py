@@ -12,14 +12,17 @@ and Patch.from_trained. Steps:
    attention (`fmn.attention.suppress`);
 3. optional concept inversion (textual inversion into k new tokens, on copies of the text
    encoders: the pipeline is not touched), after which the new tokens are the concept;
-4. text encoded once; the training loop: uniform timesteps, DDPM noise, the attention loss
+4. text encoded once; with closed_form, the anchor edit solved in closed form on the layers that read the
+   text (fmn.closed_form, UCE; no images needed unless harden_rounds or steps ask for them), harden_rounds
+   times again with tokens inverted on the edited model added; steps=0 stops there;
+5. the training loop: uniform timesteps, DDPM noise, the attention loss
    (`fmn.attention.concept_scores`, fused kernels), the visual denoising loss, or both; AdamW;
    trainable set attn2 (default), attn2-kv, unet, or a LoRA on attn2 (peft); optional terms not in
    the paper, each on a cache of (noisy latent, timestep, prompt) -> base UNet output made before the
    first step: `retain` (the retained phrases' outputs held to the base's) and `anchor` (Concept
    Ablation, Kumari et al. 2023: on noisy images of the anchor, the concept's prompts are pulled to the
    base's outputs for the same prompts with the anchor in the concept's place);
-5. the patch: only what changed (see fmn.patch), with a fingerprint of the base tensors.
+6. the patch: only what changed (see fmn.patch), with a fingerprint of the base tensors.
 
 The pipeline comes back with its original weights (inplace=False, the default) or with the
 trained weights (inplace=True). On any error or interrupt its weights, processors, adapters,

@@ -275,19 +275,20 @@ def report(base, patched, concepts, classifier=None, steps: int = INVERSION_STEP
 
 
 def forget_with_inversion(pipe, concepts, rounds: int = 1, steps: int = INVERSION_STEPS, lr: float = INVERSION_LR,
-                          **options):
-    """A defence against the inversion attack: fmn.forget with the toy defaults (fmn.toy.defaults; toy-mmdit:
-    fmn.toy.mmdit_defaults), overridden by `options`, then `rounds` times: invert each concept on the patched
-    model (as the attack does) and forget the inverted tokens together with the words (each token anchored
-    like its word). Trains the pipeline's denoiser in place; returns the per-round patches (each relative to
-    the weights before it)."""
+                          method: str = "closed-form", **options):
+    """A defence against the inversion attack: fmn.forget with the toy defaults of `method` (fmn.toy.defaults;
+    toy-mmdit: fmn.toy.mmdit_defaults), overridden by `options`, then `rounds` times: invert each concept on
+    the patched model (as the attack does, other seeds) and forget the inverted tokens together with the words
+    (each token anchored like its word; the closed form solves again over the edited weights, the attention
+    rule trains its steps again). Changes the pipeline's denoiser in place; returns the per-round patches
+    (each relative to the weights before it)."""
     import fmn
     from fmn.families import family_for
     from fmn.toy import defaults, mmdit_defaults
 
     toy = mmdit_defaults if family_for(pipe).name == "mmdit" else defaults
     concepts = [concepts] if isinstance(concepts, str) else list(concepts)
-    opts = dict(toy.forget_defaults(concepts), **options)
+    opts = dict(toy.forget_defaults(concepts, method=method), **options)
     patches = [fmn.forget(pipe, concepts, inplace=True, progress=False, **opts)]
     for r in range(rounds):
         tpipe = pipe
@@ -301,6 +302,7 @@ def forget_with_inversion(pipe, concepts, rounds: int = 1, steps: int = INVERSIO
         if opts.get("anchor"):
             round_opts["anchor"] = list(opts["anchor"]) * 2
             domain = "shape" if concepts[0] in SHAPES else "color"
-            round_opts["steps"] = options.get("steps", toy.ANCHOR_STEPS[domain] * len(concepts))
+            if opts["steps"]:
+                round_opts["steps"] = options.get("steps", toy.ANCHOR_STEPS[domain] * len(concepts))
         patches.append(fmn.forget(tpipe, concepts + tokens, inplace=True, progress=False, **round_opts))
     return patches
