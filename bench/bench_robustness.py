@@ -1,7 +1,7 @@
 """How forgotten a concept stays on the built-in toy models (issue 17, item 3): the paper's Memorization
-Score and an inversion attack, for fmn's defaults (the closed-form edit), the closed form hardened against
-inversion (harden_rounds: fmn.inversion on its reference images; +inversion: fmn.toy.robustness.forget_with_inversion,
-the attack's own inversion with other seeds), fmn's attention-loss rule with and without that defence and
+Score and an inversion attack, for fmn's defaults (the closed-form edit), the closed form with the inversion
+defence (+inversion: fmn.toy.robustness.forget_with_inversion, the attack's own inversion with other seeds,
+then the inverted token forgotten with the word), fmn's attention-loss rule with and without that defence and
 ESD-x (UNet only), plus the base model for reference.
 
 Per concept and method: forget (forgetting seed 1, as bench_quality --all), then
@@ -26,13 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import ATTENTION_RULE, defaults_for, make_model  # noqa: E402
 from common import RESULTS, machine_info, print_table, write_json_atomic  # noqa: E402
 
-import fmn  # noqa: E402
 from fmn.families import family_for  # noqa: E402
 from fmn.toy import evaluate_split, load_classifier, load_pipeline, relative_to  # noqa: E402
 from fmn.toy import robustness as rb  # noqa: E402
 
-METHODS = ["base", "fmn", "fmn+harden", "fmn+inversion", "fmn attention", "fmn attention+inversion", "esd-x"]
-HARDEN_ROUNDS = 3
+METHODS = ["base", "fmn", "fmn+inversion", "fmn attention", "fmn attention+inversion", "esd-x"]
 COLUMNS = ["concept", "method", "MS", "MS_change", "attack", "UA", "IRA_rel", "CRA_rel", "train_s", "robust_s"]
 
 
@@ -44,10 +42,6 @@ def train(name, base, concept, args):
         method = "attention" if name.startswith("fmn attention") else "closed-form"
         rb.forget_with_inversion(pipe, concept, rounds=args.rounds, steps=args.steps, method=method,
                                  seed=args.forget_seed)
-        return pipe, time.perf_counter() - t0
-    if name == "fmn+harden":
-        opts = dict(defaults_for(args.model)([concept]), harden_rounds=HARDEN_ROUNDS, seed=args.forget_seed)
-        fmn.forget(pipe, [concept], inplace=True, progress=False, **opts)
         return pipe, time.perf_counter() - t0
     pipe, _, _, train_s = make_model(ATTENTION_RULE if name == "fmn attention" else name, base, [concept],
                                      args.esd_lr, None, seed=args.forget_seed, defaults=defaults_for(args.model))
@@ -103,7 +97,7 @@ def main():
             print_table(rows[-1:], COLUMNS)
             write_json_atomic(args.out, {
                 "benchmark": f"robustness of forgetting on the built-in {args.model} model", "model": args.model,
-                "machine": machine_info(), "harden_rounds": HARDEN_ROUNDS, "inversion_defence_rounds": args.rounds,
+                "machine": machine_info(), "inversion_defence_rounds": args.rounds,
                 "inversion": {"steps": args.steps, "lr": rb.INVERSION_LR, "batch": 2, "probe_images": rb.PROBE_IMAGES,
                               "start": "random direction at the vocabulary's mean norm, seed 0"},
                 "attack_images": f"5 probe prompts x seeds {list(rb.ATTACK_SEEDS)}", "forget_seed": args.forget_seed,

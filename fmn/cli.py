@@ -174,8 +174,7 @@ def format_summary(patch, path=None) -> str:
                      + "".join(f", {k} {s[k + '_losses'][0]:.3g} -> {s[k + '_loss_after']:.3g}"
                                for k in ("retain", "anchor") if s.get(k + "_losses")))
     if "seconds_closed_form" in s:
-        lines.insert(2, f"closed form   {s['closed_form_layers']} layers in {s['seconds_closed_form']:.2f} s"
-                     + (f", {s['harden_rounds']} hardening rounds" if s.get("harden_rounds") else ""))
+        lines.insert(2, f"closed form   {s['closed_form_layers']} layers in {s['seconds_closed_form']:.2f} s")
     if s.get("inverted_tokens"):
         lines.insert(1, f"inverted as   {s['inverted_tokens']}")
     return "\n".join(lines)
@@ -204,7 +203,7 @@ def cmd_forget(a):
         retain=a.retain, retain_weight=a.retain_weight, retain_samples=a.retain_samples,
         retain_images=a.retain_images, anchor=_anchor_arg(a.anchor), anchor_weight=a.anchor_weight,
         precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, backend=a.backend,
-        closed_form=a.closed_form, preserve_weight=a.preserve_weight, harden_rounds=a.harden_rounds,
+        closed_form=a.closed_form, preserve_weight=a.preserve_weight,
         inversion=a.inversion, inversion_steps=a.inversion_steps, inversion_tokens=a.inversion_tokens,
         patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
         progress=not a.quiet, base_model=model_label(a.model))
@@ -590,9 +589,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(UCE): the concept's prompts become the anchor's, --retain phrases are kept")
     f.add_argument("--preserve-weight", type=POSITIVE_FLOAT, default=None,
                    help="closed form: weight of the kept prompts against the concept's (default 1)")
-    f.add_argument("--harden-rounds", type=NON_NEGATIVE, default=None,
-                   help="closed form: rounds of inverting the concept on the edited model and solving again "
-                        "with the inverted tokens (default 0)")
     f.add_argument("--lora-rank", type=POSITIVE, default=4)
     f.add_argument("--lora-alpha", type=float, default=None)
     f.add_argument("--inversion", action="store_true", help="concept inversion (textual inversion) first")

@@ -51,8 +51,6 @@ class ForgetOptions:
                                        # concept's prompts -> the anchor's ("" without an anchor), the retained
                                        # phrases' and the empty prompt kept; steps=0 then trains nothing after it
     preserve_weight: float = 1.0       # closed form: weight of the kept prompts against the concept's
-    harden_rounds: int = 0             # closed form: rounds of inverting the concept on the edited model
-                                       # (fmn.inversion) and solving again with the inverted tokens added
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
     max_grad_norm: float | None = None  # gradient clipping (off, as in effect in the authors' code)
@@ -88,10 +86,6 @@ class ForgetOptions:
             bad("closed_form edits the base weights and cannot be combined with train='lora'")
         if not (self.preserve_weight > 0 and math.isfinite(self.preserve_weight)):
             bad(f"preserve_weight must be positive, got {self.preserve_weight!r}")
-        if isinstance(self.harden_rounds, bool) or not isinstance(self.harden_rounds, int) or self.harden_rounds < 0:
-            bad(f"harden_rounds must be an int >= 0, got {self.harden_rounds!r}")
-        if self.harden_rounds and not self.closed_form:
-            bad("harden_rounds needs closed_form=True")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             bad(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.train not in TRAIN_SETS:

@@ -13,8 +13,7 @@ and Patch.from_trained. Steps:
 3. optional concept inversion (textual inversion into k new tokens, on copies of the text
    encoders: the pipeline is not touched), after which the new tokens are the concept;
 4. text encoded once; with closed_form, the anchor edit solved in closed form on the layers that read the
-   text (fmn.closed_form, UCE; no images needed unless harden_rounds or steps ask for them), harden_rounds
-   times again with tokens inverted on the edited model added; steps=0 stops there;
+   text (fmn.closed_form, UCE; no images needed unless steps or inversion ask for them); steps=0 stops there;
 5. the training loop: uniform timesteps, DDPM noise, the attention loss
    (`fmn.attention.concept_scores`, fused kernels), the visual denoising loss, or both; AdamW;
    trainable set attn2 (default), attn2-kv, unet, or a LoRA on attn2 (peft); optional terms not in
@@ -98,28 +97,15 @@ def encode_all(family, concepts, words, anchors, tpl, opts, parts) -> dict:
     return texts
 
 
-def closed_form_edit(family, trainable, texts, concepts, anchors, tpl, opts, parts, refs, device, autocast) -> dict:
-    """The closed-form anchor edit (fmn.closed_form) of trainable.edited, then opts.harden_rounds rounds of
-    inverting the concepts on the edited model (fmn.inversion, from the reference latents) and solving again
-    with the inverted tokens' prompts added to the concept's. Returns the summary's figures."""
+def closed_form_edit(family, trainable, texts, concepts, tpl, opts, parts) -> dict:
+    """The closed-form anchor edit (fmn.closed_form) of trainable.edited; returns the summary's figures."""
     t0 = time.perf_counter()
     concept_of = concept_prompts(concepts, tpl)[1]
     target = texts.get("anchor") or encode(family, [""] * len(concepts), tpl, concept_of, opts, parts)
     keep = [encode(family, [*opts.retain, ""], tpl, [0] * (len(opts.retain) + 1) * len(tpl), opts, parts),
             encode(family, [""], ["{}"], [0], opts, parts)]  # the retained phrases, the bare templates, ""
-    concept_texts, targets = [texts["concept"]], [target]
-    closed_form.edit(trainable.edited, trainable.saved, concept_texts, targets, keep, opts.preserve_weight)
-    for r in range(opts.harden_rounds):
-        family.denoiser.requires_grad_(False)
-        round_opts = dataclasses.replace(opts, seed=opts.seed + 1000 * (r + 1))
-        round_parts, round_words = invert(family, concepts, refs.items, tpl, round_opts, device, autocast)
-        concept_texts.append(encode(family, round_words, tpl, concept_of, opts, round_parts))
-        targets.append(target)
-        closed_form.edit(trainable.edited, trainable.saved, concept_texts, targets, keep, opts.preserve_weight)
-    for p in trainable.params:
-        p.requires_grad_(True)
-    return {"seconds_closed_form": round(time.perf_counter() - t0, 4), "closed_form_layers": len(trainable.edited),
-            "harden_rounds": opts.harden_rounds}
+    closed_form.edit(trainable.edited, trainable.saved, [texts["concept"]], [target], keep, opts.preserve_weight)
+    return {"seconds_closed_form": round(time.perf_counter() - t0, 4), "closed_form_layers": len(trainable.edited)}
 
 
 def build_run(family, accel, opts, device, items, text, params, autocast, attention) -> Run:
@@ -221,7 +207,7 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
     handle, ok = None, False
     try:
         pipe.to(device)
-        needs_images = opts.steps or opts.harden_rounds or opts.inversion  # the closed form alone reads none
+        needs_images = opts.steps or opts.inversion  # the closed-form edit alone reads none
         refs = reference_latents(family, concepts, images, anchors, tpl, opts, device) if needs_images \
             else References([], [], [])
         parts, words = family.text_parts(), concepts
@@ -232,8 +218,7 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
         trainable.setup()
         figures = {}
         if opts.closed_form:
-            figures = closed_form_edit(family, trainable, texts, concepts, anchors, tpl, opts, parts, refs, device,
-                                       autocast)
+            figures = closed_form_edit(family, trainable, texts, concepts, tpl, opts, parts)
         del parts
         if opts.offload and device.type == "cuda":
             state.offload_text_and_vae()

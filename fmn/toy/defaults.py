@@ -8,9 +8,15 @@ training step, no generated image, ~0.3 s. On the tuning split all ten concepts 
 cross-domain retain 1.00 of base with preserve weight 0.1, 1 or 10 alike (heart and red checked at each, all
 ten at 1); the held-out table: bench/results/quality_all_cpu.json (README). What it does not do: the edit is
 one linear map T applied to the text embeddings before every edited layer (W' = W T for all of them), so a
-textual-inversion attack that finds T^-1 of the concept's embedding brings the concept back (attack success
-1.00 on "circle" and "heart", 0.35 on "red", tuning runs); harden_rounds and
-fmn.toy.robustness.forget_with_inversion lower it (bench/bench_robustness.py).
+textual-inversion attack (fmn.toy.robustness.attack) that finds a token T sends to the concept's embedding brings
+the concept back. Tuning runs (attack success, 20 images; the attention rule: 0.15 on "circle"): the closed
+form 1.00 on circle and heart, 0.35 on red; solved again with 3 / 8 rounds of tokens inverted by the attack's
+own procedure (other seeds) added to the concept's rows: circle 0.65 / 0.50; with 3 rounds of fmn.inversion's
+tokens (4 per round, from 8 generated images; 240 s): 1.00; the closed form then the attention rule's 100
+steps: 0.55; the same steps on the attacker's preimage T^-1 of the concept's embeddings: 1.00 (only q / out
+trained: 0.80, in-domain retain 0.65); T made singular along its main direction (a rank-1 oblique projection,
+retains kept): 1.00, so the concept is not one direction of the text space. Robustness needs the denoiser's
+own weights changed (bench/bench_robustness.py, README).
 
 The attention-loss rule (method="attention", attention_defaults; the defaults before the closed form):
 `fmn forget` without --model uses them for every option the user leaves unset; bench_quality.py and
