@@ -26,9 +26,10 @@ parallel (--tasks/--methods/--out) and be joined with --merge PART.json ... (--o
     python bench/bench_quality.py --all [--tasks ...] [--methods ...] [--out part.json]
     python bench/bench_quality.py --merge part1.json part2.json
 
---model toy-mmdit: the built-in MM-DiT toy model with its defaults (fmn/toy/mmdit_defaults.py); ESD-x is
-UNet-only (fmn.baselines.esd), so --all compares base, negative prompt, suppress and fmn
-(default --out quality_all_toy_mmdit_cpu.json).
+--model toy-mmdit: the built-in MM-DiT toy model with its defaults (fmn/toy/mmdit_defaults.py), the same methods
+(ESD-x on every joint-attention projection, at its own lr: ESD_LR) (default --out quality_all_toy_mmdit_cpu.json).
+The "fmn" rows are the defaults (the closed-form edit), "fmn attention" the attention-loss rule
+(forget_defaults(..., method="attention")).
 """
 import argparse
 import copy
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_info, print_table, write_json_atomic  # noqa: E402
 
 import fmn  # noqa: E402
+from fmn.families import family_for  # noqa: E402
 from fmn.baselines import esd  # noqa: E402
 from fmn.toy import (COLORS, MODELS, SHAPES, SPLITS, evaluate, evaluate_split, load_classifier,  # noqa: E402
                      load_default_pipeline, load_pipeline, prompt_set, relative_to, save_grid, score)
@@ -101,7 +103,7 @@ def make_model(name, base, concepts, esd_lr, lora_lr, seed=0, defaults=forget_de
         gen_prompts = [tpl[i % len(tpl)].format(c) for c in concepts for i in range(n)]
         gens = [torch.Generator().manual_seed(seed + s) for s in range(len(gen_prompts))]
         latents = pipe(prompt=gen_prompts, generator=gens, output_type="latent", num_inference_steps=opts["gen_steps"],
-                       guidance_scale=opts["guidance_scale"]).images
+                       guidance_scale=opts["guidance_scale"], **family_for(pipe).pipeline_kwargs()).images
         esd(pipe, concepts, latents, prompts=prompts, steps=opts["steps"], lr=esd_lr, train="attn2", seed=seed)
     else:
         loss, train = name.removeprefix("fmn ").split(", ")[0].split(" / ")
@@ -115,6 +117,10 @@ def make_model(name, base, concepts, esd_lr, lora_lr, seed=0, defaults=forget_de
 
 
 ALL_TASKS = list(SHAPES) + list(COLORS) + ["circle+square", "red+blue", "triangle+star+heart", "green+yellow+purple"]
+# ESD-x's lr per model: the largest that keeps both retains >= 0.85 of base on "circle" (150 steps). toy: see
+# --esd-lr's help; toy-mmdit (tuning split, seed 0): 5e-4 UA 0.9 (1.00 / 1.00), 1e-3 UA 1.0 (1.00 / 0.96),
+# 2e-3 UA 0.8 (0.53 / 0.68)
+ESD_LR = {"toy": 2e-3, "toy-mmdit": 1e-3}
 ATTENTION_RULE = "fmn attention / attn2"  # the built-in model's attention-loss rule (defaults(method="attention"))
 ALL_METHODS = ["base", "negative prompt", "suppress", "esd-x", ATTENTION_RULE, "fmn"]
 SHORT_NAMES = {ATTENTION_RULE: "fmn attention"}  # as the rows name them
@@ -130,7 +136,7 @@ def run_all(args):
     classifier = load_classifier()
     from fmn.runtime import accelerator
     accelerator()
-    methods = args.methods or [m for m in ALL_METHODS if m != "esd-x" or args.model != "toy-mmdit"]
+    methods = args.methods or ALL_METHODS
     # the base model's images, scored anew per task; without "base" among the methods (a part run in parallel
     # with one that has it) the retains relative to base are filled in by --merge
     ref = evaluate_split(base, args.split, classifier=classifier, return_images=True) if "base" in methods else None
@@ -164,8 +170,15 @@ def all_payload(args, rows):
                          f"{args.split} split", "model": args.model or "toy",
             "machine": machine_info(), "split": args.split, "groups": [[f, list(s)] for f, s in SPLITS[args.split]],
             "forget_seed": args.forget_seed,
-            "forget_options": {t: defaults_for(args.model)(t.split("+")) for t in ALL_TASKS},
+            **task_options(args.model),
             "esd_lr": args.esd_lr, "rows": rows, "summary": summarise(rows), "missing": missing(rows)}
+
+
+def task_options(model) -> dict:
+    """The options of fmn's rows per task: its defaults ("fmn") and its attention-loss rule ("fmn attention")."""
+    defaults = defaults_for(model)
+    return {"forget_options": {t: defaults(t.split("+")) for t in ALL_TASKS},
+            "attention_options": {t: defaults(t.split("+"), method="attention") for t in ALL_TASKS}}
 
 
 def missing(rows):
@@ -207,7 +220,7 @@ def merge_all(paths, out):
         if r.get("IRA_rel") is None and b and r["IRA"] is not None and b["IRA"]:
             r["IRA_rel"], r["CRA_rel"] = r["IRA"] / b["IRA"], r["CRA"] / b["CRA"]
     payload = dict(parts[0], rows=rows, summary=summarise(rows), machine=[p["machine"] for p in parts],
-                   missing=missing(rows))
+                   missing=missing(rows), **task_options(parts[0].get("model", "toy")))
     write_json_atomic(out, payload)
     print_table(rows + payload["summary"], COLUMNS)
     plot_all(rows, out.with_suffix(".png"), parts[0].get("model", "toy"))
@@ -247,10 +260,11 @@ def main():
     parser.add_argument("--tasks", nargs="+", default=None, help="e.g. circle circle+square red")
     parser.add_argument("--model", default=None, help="'toy', 'toy-mmdit' (--all only) or a folder of the 'toy' kind "
                                                        "(default: the shipped 'toy')")
-    parser.add_argument("--esd-lr", type=float, default=2e-3,
+    parser.add_argument("--esd-lr", type=float, default=None,
                         help="ESD-x learning rate (its paper: 1e-5 on SD). On the toy model, 'circle', 150 steps, its "
                              "4 concept-only templates, 2 seeds: 2e-3 UA 0.3 (IRA 0.98, CRA 1.00 of base); 4e-3 UA 0.6 "
-                             "(0.62, 0.74); 8e-3 UA 0.7 (0.30, 0.22): the largest lr that keeps both retains >= 0.85")
+                             "(0.62, 0.74); 8e-3 UA 0.7 (0.30, 0.22): the largest lr that keeps both retains >= 0.85 "
+                             "(default: ESD_LR for the model)")
     parser.add_argument("--lora-lr", type=float, default=1e-2, help="learning rate of the fmn LoRA variant")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality_cpu.json")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is best when other jobs run)")
@@ -262,6 +276,7 @@ def main():
     parser.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS, help="--all: a subset")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, help="merge --all parts into --out, plot")
     args = parser.parse_args()
+    args.esd_lr = args.esd_lr or ESD_LR.get(args.model or "toy", ESD_LR["toy"])
     if args.model == "toy-mmdit" and not (args.all or args.merge):
         parser.error("--model toy-mmdit runs with --all (its fmn variants and ESD-x are not wired in the default mode)")
     if (args.merge or args.all) and args.out == RESULTS / "quality_cpu.json":

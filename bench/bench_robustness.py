@@ -1,8 +1,8 @@
 """How forgotten a concept stays on the built-in toy models (issue 17, item 3): the paper's Memorization
-Score and an inversion attack, for fmn's defaults (the closed-form edit), the closed form with the inversion
-defence (+inversion: fmn.toy.robustness.forget_with_inversion, the attack's own inversion with other seeds,
-then the inverted token forgotten with the word), fmn's attention-loss rule with and without that defence and
-ESD-x (UNet only), plus the base model for reference.
+Score and an inversion attack, for fmn's defaults (the closed-form edit), fmn's attention-loss rule, the rule
+followed by the closed-form edit (method "attention+closed-form"), the inversion defence on either
+(+inversion: fmn.toy.robustness.forget_with_inversion, the attack's own inversion with other seeds, then the
+inverted token forgotten with the word) and ESD-x, plus the base model for reference.
 
 Per concept and method: forget (forgetting seed 1, as bench_quality --all), then
   MS       Memorization Score: cosine of the token inverted on the model to the concept word's embedding
@@ -23,28 +23,43 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import ATTENTION_RULE, defaults_for, make_model  # noqa: E402
+from bench_quality import ATTENTION_RULE, ESD_LR, defaults_for, make_model  # noqa: E402
 from common import RESULTS, machine_info, print_table, write_json_atomic  # noqa: E402
 
 from fmn.families import family_for  # noqa: E402
+import fmn  # noqa: E402
 from fmn.toy import evaluate_split, load_classifier, load_pipeline, relative_to  # noqa: E402
 from fmn.toy import robustness as rb  # noqa: E402
 
-METHODS = ["base", "fmn", "fmn+inversion", "fmn attention", "fmn attention+inversion", "esd-x"]
+METHODS = ["base", "fmn", "fmn attention", "fmn attention+closed-form", "fmn+inversion", "fmn attention+inversion",
+           "esd-x"]
 COLUMNS = ["concept", "method", "MS", "MS_change", "attack", "UA", "IRA_rel", "CRA_rel", "train_s", "robust_s"]
 
 
-def train(name, base, concept, args):
+def train(name, base, concept, args, earlier):
+    """(pipeline, training seconds) of method `name`; earlier: {name: (pipeline, seconds)} of this concept's
+    methods so far ("fmn attention+closed-form" continues "fmn attention"'s pipeline when it ran: the same
+    as fmn.forget with method="attention+closed-form", without training twice)."""
     if name == "base":
         return base, 0.0
     pipe, t0 = copy.deepcopy(base), time.perf_counter()
+    defaults = defaults_for(args.model)
     if name.endswith("+inversion"):
         method = "attention" if name.startswith("fmn attention") else "closed-form"
         rb.forget_with_inversion(pipe, concept, rounds=args.rounds, steps=args.steps, method=method,
                                  seed=args.forget_seed)
         return pipe, time.perf_counter() - t0
+    if name == "fmn attention+closed-form":
+        if "fmn attention" in earlier:
+            pipe, before = copy.deepcopy(earlier["fmn attention"][0]), earlier["fmn attention"][1]
+            fmn.forget(pipe, [concept], inplace=True, progress=False,
+                       **dict(defaults([concept]), seed=args.forget_seed))
+            return pipe, before + time.perf_counter() - t0
+        fmn.forget(pipe, [concept], inplace=True, progress=False,
+                   **dict(defaults([concept], method="attention+closed-form"), seed=args.forget_seed))
+        return pipe, time.perf_counter() - t0
     pipe, _, _, train_s = make_model(ATTENTION_RULE if name == "fmn attention" else name, base, [concept],
-                                     args.esd_lr, None, seed=args.forget_seed, defaults=defaults_for(args.model))
+                                     args.esd_lr, None, seed=args.forget_seed, defaults=defaults)
     return pipe, train_s
 
 
@@ -53,17 +68,17 @@ def main():
     ap.add_argument("--model", default="toy", choices=["toy", "toy-mmdit"])
     ap.add_argument("--concepts", nargs="+", default=["circle", "red"])
     ap.add_argument("--rounds", type=int, default=1, help="rounds of the +inversion defences")
-    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "esd-x"], choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=["base", "fmn", "fmn attention", "fmn attention+closed-form",
+                                                     "esd-x"], choices=METHODS)
     ap.add_argument("--steps", type=int, default=rb.INVERSION_STEPS, help="inversion steps (attack and MS)")
     ap.add_argument("--forget-seed", type=int, default=1)
-    ap.add_argument("--esd-lr", type=float, default=2e-3)
+    ap.add_argument("--esd-lr", type=float, default=None, help="default: bench_quality's for the model")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out UA / retain evaluation")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    if args.model == "toy-mmdit" and "esd-x" in args.methods:
-        ap.error("esd-x is UNet-only (fmn.baselines.esd)")
     args.out = args.out or RESULTS / ("robustness_toy_mmdit_cpu.json" if args.model == "toy-mmdit"
                                       else "robustness_cpu.json")
+    args.esd_lr = args.esd_lr or ESD_LR[args.model]
     torch.set_num_threads(1)
     base = load_pipeline(args.model)
     classifier = load_classifier()
@@ -71,10 +86,11 @@ def main():
     accelerator()
     rows, base_eval = [], {}
     for concept in args.concepts:
-        base_sim = None
+        base_sim, earlier = None, {}
         for name in args.methods:
             torch.manual_seed(0)
-            pipe, train_s = train(name, base, concept, args)
+            pipe, train_s = train(name, base, concept, args, earlier)
+            earlier[name] = (pipe, train_s)
             t0 = time.perf_counter()
             inv = rb.invert(pipe, concept, args.steps)
             sim = rb.embedding_similarity(inv["pipe"], concept)

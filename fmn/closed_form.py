@@ -50,15 +50,15 @@ def solve(weight: torch.Tensor, concept: torch.Tensor, anchor: torch.Tensor, kee
 
 
 @torch.no_grad()
-def edit(layers, bases: dict, concept: list, target: list, keep: list, preserve_weight: float) -> None:
-    """Sets each layer of `layers` ((parameter name, input kind, nn.Linear)) to the solution for its base
-    weight bases[name]. concept, target, keep: lists of fmn.families.base.Prompts (target: one row per
-    concept row, same slots); input kind "embeds" reads their token embeddings, "pooled" their pooled vectors."""
-    for name, kind, layer in layers:
+def edit(layers, concept: list, target: list, keep: list, preserve_weight: float) -> None:
+    """Sets each layer of `layers` ((parameter name, input kind, nn.Linear)) to the solution for its weight as
+    it is. concept, target, keep: lists of fmn.families.base.Prompts (target: one row per concept row, same
+    slots); input kind "embeds" reads their token embeddings, "pooled" their pooled vectors."""
+    for _, kind, layer in layers:
         c, a, k = (stacked(texts, kind) for texts in (concept, target, keep))
         if c is None or a is None or k is None:
             continue
-        layer.weight.data = solve(bases[name].to(layer.weight), c, a, k, preserve_weight)
+        layer.weight.data = solve(layer.weight, c, a, k, preserve_weight)
 
 
 def stacked(prompts: list, kind: str) -> torch.Tensor | None:

@@ -12,15 +12,16 @@ and Patch.from_trained. Steps:
    attention (`fmn.attention.suppress`);
 3. optional concept inversion (textual inversion into k new tokens, on copies of the text
    encoders: the pipeline is not touched), after which the new tokens are the concept;
-4. text encoded once; with closed_form, the anchor edit solved in closed form on the layers that read the
-   text (fmn.closed_form, UCE; no images needed unless steps or inversion ask for them); steps=0 stops there;
-5. the training loop: uniform timesteps, DDPM noise, the attention loss
+4. text encoded once; the training loop (none with steps=0): uniform timesteps, DDPM noise, the attention loss
    (`fmn.attention.concept_scores`, fused kernels), the visual denoising loss, or both; AdamW;
    trainable set attn2 (default), attn2-kv, unet, or a LoRA on attn2 (peft); optional terms not in
    the paper, each on a cache of (noisy latent, timestep, prompt) -> base UNet output made before the
    first step: `retain` (the retained phrases' outputs held to the base's) and `anchor` (Concept
    Ablation, Kumari et al. 2023: on noisy images of the anchor, the concept's prompts are pulled to the
    base's outputs for the same prompts with the anchor in the concept's place);
+5. with closed_form, after the steps: the anchor edit solved in closed form on the layers that read the
+   text, on their weights as trained (fmn.closed_form, UCE; no images needed unless steps or inversion
+   ask for them);
 6. the patch: only what changed (see fmn.patch), with a fingerprint of the base tensors.
 
 The pipeline comes back with its original weights (inplace=False, the default) or with the
@@ -104,7 +105,7 @@ def closed_form_edit(family, trainable, texts, concepts, tpl, opts, parts) -> di
     target = texts.get("anchor") or encode(family, [""] * len(concepts), tpl, concept_of, opts, parts)
     keep = [encode(family, [*opts.retain, ""], tpl, [0] * (len(opts.retain) + 1) * len(tpl), opts, parts),
             encode(family, [""], ["{}"], [0], opts, parts)]  # the retained phrases, the bare templates, ""
-    closed_form.edit(trainable.edited, trainable.saved, [texts["concept"]], [target], keep, opts.preserve_weight)
+    closed_form.edit(trainable.edited, [texts["concept"]], [target], keep, opts.preserve_weight)
     return {"seconds_closed_form": round(time.perf_counter() - t0, 4), "closed_form_layers": len(trainable.edited)}
 
 
@@ -217,15 +218,15 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
         texts = encode_all(family, concepts, words, anchors, tpl, opts, parts)
         trainable.setup()
         figures = {}
-        if opts.closed_form:
-            figures = closed_form_edit(family, trainable, texts, concepts, tpl, opts, parts)
-        del parts
-        if opts.offload and device.type == "cuda":
-            state.offload_text_and_vae()
         if opts.steps:
+            if opts.offload and device.type == "cuda" and not opts.closed_form:
+                state.offload_text_and_vae()
             handle = family.fused_attention(opts.backend)
             figures.update(train_steps(family, accel, opts, device, refs, texts, trainable, autocast, handle,
                                        concepts))
+        if opts.closed_form:  # after training: on the trained weights (the order that resists inversion)
+            figures.update(closed_form_edit(family, trainable, texts, concepts, tpl, opts, parts))
+        del parts
         summary = {
             "seconds_total": round(time.perf_counter() - t_start, 4), "steps": opts.steps,
             "batch_size": opts.batch_size, "device": str(device), "peak_memory_bytes": peak_memory(device),

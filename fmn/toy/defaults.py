@@ -97,7 +97,7 @@ FORGET_DEFAULTS = {  # the attention-loss rule's (forget_defaults' method="atten
     "retain_images": 0,
 }
 ANCHOR_WEIGHT = 16.0
-METHODS = ("closed-form", "attention")
+METHODS = ("closed-form", "attention", "attention+closed-form")
 PRESERVE_WEIGHT = 1.0  # closed form: tuning split, all ten concepts UA 1.0 at retains 1.00 with 0.1, 1 and 10 alike
 ANCHOR_STEPS = {"shape": 100, "color": 200}  # per forgotten concept, with its anchor
 
@@ -157,7 +157,9 @@ def forget_defaults(concepts=None, anchor: bool = True, method: str = "closed-fo
     """A fresh copy of the toy model's forgetting options (fmn.forget keyword arguments): with
     method="closed-form" (the default) the closed-form edit alone (closed_form=True, steps=0,
     PRESERVE_WEIGHT) over attention_defaults(concepts, anchor), whose training options then apply only
-    if steps are given; method="attention": attention_defaults, the attention-loss rule."""
+    if steps are given; method="attention": attention_defaults, the attention-loss rule;
+    "attention+closed-form": the rule's steps, then the closed-form edit on the trained weights (slower, and
+    the one that resists the inversion attack)."""
     return with_method(attention_defaults(concepts, anchor), method)
 
 
@@ -165,8 +167,10 @@ def with_method(opts: dict, method: str) -> dict:
     """opts (a built-in model's attention-loss options) for `method` (METHODS); shared with fmn.toy.mmdit_defaults."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "attention":  # the closed-form edit: alone, or after the attention rule's steps
+        opts.update(closed_form=True, preserve_weight=PRESERVE_WEIGHT)
     if method == "closed-form":
-        opts.update(closed_form=True, steps=0, preserve_weight=PRESERVE_WEIGHT)
+        opts["steps"] = 0
     return opts
 
 
