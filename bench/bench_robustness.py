@@ -36,10 +36,8 @@ METHODS = ["base", "fmn", "fmn attention", "fmn attention+closed-form", "fmn+inv
 COLUMNS = ["concept", "method", "MS", "MS_change", "attack", "UA", "IRA_rel", "CRA_rel", "train_s", "robust_s"]
 
 
-def train(name, base, concept, args, earlier):
-    """(pipeline, training seconds) of method `name`; earlier: {name: (pipeline, seconds)} of this concept's
-    methods so far ("fmn attention+closed-form" continues "fmn attention"'s pipeline when it ran: the same
-    as fmn.forget with method="attention+closed-form", without training twice)."""
+def train(name, base, concept, args):
+    """(pipeline, training seconds) of method `name`."""
     if name == "base":
         return base, 0.0
     pipe, t0 = copy.deepcopy(base), time.perf_counter()
@@ -50,11 +48,6 @@ def train(name, base, concept, args, earlier):
                                  seed=args.forget_seed)
         return pipe, time.perf_counter() - t0
     if name == "fmn attention+closed-form":
-        if "fmn attention" in earlier:
-            pipe, before = copy.deepcopy(earlier["fmn attention"][0]), earlier["fmn attention"][1]
-            fmn.forget(pipe, [concept], inplace=True, progress=False,
-                       **dict(defaults([concept]), seed=args.forget_seed))
-            return pipe, before + time.perf_counter() - t0
         fmn.forget(pipe, [concept], inplace=True, progress=False,
                    **dict(defaults([concept], method="attention+closed-form"), seed=args.forget_seed))
         return pipe, time.perf_counter() - t0
@@ -86,11 +79,10 @@ def main():
     accelerator()
     rows, base_eval = [], {}
     for concept in args.concepts:
-        base_sim, earlier = None, {}
+        base_sim = None
         for name in args.methods:
             torch.manual_seed(0)
-            pipe, train_s = train(name, base, concept, args, earlier)
-            earlier[name] = (pipe, train_s)
+            pipe, train_s = train(name, base, concept, args)
             t0 = time.perf_counter()
             inv = rb.invert(pipe, concept, args.steps)
             sim = rb.embedding_similarity(inv["pipe"], concept)

@@ -49,14 +49,15 @@ FORGET_DEFAULTS = {  # the attention-loss rule's (forget_defaults' method="atten
 ANCHOR_WEIGHT = 16.0
 ANCHOR_STEPS = {"shape": 200, "color": 200}  # per forgotten concept, with its anchor
 UNANCHORED_STEPS = 150
+ROBUST = {"lr": 2.5e-4, "steps": 100}  # "attention+closed-form": lr, steps per concept (tuning: see README)
 
 
 def forget_defaults(concepts=None, anchor: bool = True, method: str = "closed-form") -> dict:
     """A fresh copy of toy-mmdit's forgetting options (fmn.forget keyword arguments), as fmn.toy.defaults'
     for the UNet toy: method="closed-form" (the default) the closed-form edit of the context embedder alone
     over attention_defaults (whose training options apply only if steps are given); "attention" the
-    attention-loss rule."""
-    return with_method(attention_defaults(concepts, anchor), method)
+    attention-loss rule; "attention+closed-form" ROBUST's gentler rule, then the closed form."""
+    return with_method(attention_defaults(concepts, anchor), method, concepts, ROBUST)
 
 
 def attention_defaults(concepts=None, anchor: bool = True) -> dict:
