@@ -31,7 +31,9 @@ def one_line_error(argv, capsys, rc=2):
 BAD_VALUES = {
     "device bogus": (["forget", "--concept", "c", "--device", "bogus"], "--device"),
     "gen-steps 0": (["forget", "--concept", "c", "--gen-steps", "0"], "--gen-steps"),
-    "steps 0": (["forget", "--concept", "c", "--steps", "0"], "--steps"),
+    "steps -1": (["forget", "--concept", "c", "--steps", "-1"], "--steps"),
+    # 0 steps is the closed-form edit alone (the toy models' default); without the closed form it is refused
+    "steps 0": (["forget", "--concept", "c", "--steps", "0", "--no-closed-form"], "steps must be >= 1"),
     "lr 0": (["forget", "--concept", "c", "--lr", "0"], "--lr"),
     "n-images not a number": (["forget", "--concept", "c", "--n-images", "many"], "--n-images"),
     "generate n 0": (["generate", "--prompt", "a", "--n", "0"], "--n"),
