@@ -210,13 +210,17 @@ def cmd_forget(a):
     given = {k: v for k, v in given.items() if v is not None}
     if a.patch_rank and a.patch_rel_error:
         raise CLIError("--patch-rank and --patch-rel-error: give one of them, not both")
-    try:
-        ForgetOptions(**given)  # checked before the (slow) pipeline load
+    try:  # checked before the (slow) pipeline load; --steps 0 waits for the model's defaults (the toys' closed form)
+        ForgetOptions(**{**given, **({"closed_form": True} if given.get("steps") == 0 and "closed_form" not in given
+                                     else {})})
     except ValueError as e:
         raise CLIError(str(e)) from None
     pipe = load_pipeline(a.model, a.precision, for_training=True, device=a.device)
     # the model family's defaults (the built-in toy model's tuned ones), under what was given: as fmn.forget
-    opts = ForgetOptions(**{**family_for(pipe).default_options(a.concept, given), **given})
+    try:
+        opts = ForgetOptions(**{**family_for(pipe).default_options(a.concept, given), **given})
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     from fmn.concepts import check_concepts
     for msg in check_concepts(pipe, a.concept):
         if a.strict:

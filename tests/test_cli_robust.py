@@ -34,6 +34,7 @@ BAD_VALUES = {
     "steps -1": (["forget", "--concept", "c", "--steps", "-1"], "--steps"),
     # 0 steps is the closed-form edit alone (the toy models' default); without the closed form it is refused
     "steps 0": (["forget", "--concept", "c", "--steps", "0", "--no-closed-form"], "steps must be >= 1"),
+    "steps 0, lora": (["forget", "--concept", "c", "--steps", "0", "--train", "lora"], "train='lora'"),
     "lr 0": (["forget", "--concept", "c", "--lr", "0"], "--lr"),
     "n-images not a number": (["forget", "--concept", "c", "--n-images", "many"], "--n-images"),
     "generate n 0": (["generate", "--prompt", "a", "--n", "0"], "--n"),
@@ -210,3 +211,18 @@ def test_forget_help_names_the_defaults_that_apply(capsys):
     assert "default 35" in text  # the paper's, for --model
     assert f"{ANCHOR_STEPS['shape']} steps per shape" in text and f"lr {FORGET_DEFAULTS['lr']}" in text
     assert "closed-form edit alone (--closed-form, --steps 0" in text
+
+
+def test_steps_0_is_the_closed_form_on_the_toy_and_an_error_elsewhere(sd1_folder, tmp_path, capsys):
+    """`--steps 0` waits for the model's defaults: the built-in toy's closed form takes it (a patch in
+    milliseconds); a model without a closed-form default gets one line naming the fix, and nothing written."""
+    from fmn.patch import Patch
+    out = tmp_path / "toy.safetensors"
+    assert main(["forget", "--concept", "circle", "--steps", "0", "--out", str(out), "-q"]) == 0
+    patch = Patch.load(out)
+    assert patch.options["closed_form"] is True and patch.summary["steps"] == 0
+    msg = one_line_error(["forget", "--model", sd1_folder, "--concept", "cat", "--steps", "0",
+                          "--out", str(tmp_path / "new" / "p.safetensors")], capsys)
+    assert "closed_form" in msg and not (tmp_path / "new").exists()
+    assert main(["forget", "--model", sd1_folder, "--concept", "cat", "--steps", "0", "--closed-form", "--anchor",
+                 "dog", "--out", str(tmp_path / "sd1.safetensors"), "-q"]) == 0
