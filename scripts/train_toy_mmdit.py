@@ -17,7 +17,9 @@ fixed --threads:
 A held-out probe logs the loss with the true caption, with another shape's caption, with another
 colour's and with the empty prompt (a model that reads its words: swapped >> true).
 Shipped model: four stages, each --init-from the previous (dim 128, 4 layers, 2.29 M transformer
-parameters, 6.3 MB), on 2 cores shared with other jobs: (1) seed 0, 2000 steps, lr 1e-3, 43 min wall
+parameters, 6.3 MB); all four re-run from scratch on the idle 2-core machine: 26.1 min, every weight file
+bit-identical to the shipped ones (bench/results/toy_mmdit_reproduce_cpu.txt). First trained on 2 cores
+shared with other jobs: (1) seed 0, 2000 steps, lr 1e-3, 43 min wall
 (held-out seeds 0, 1: shape 0.68 / 0.72); (2) --seed 1 --steps 1000 --lr 4e-4 --warmup 50 (0.80 /
 0.82); (3) --seed 2 --steps 600 --lr 2e-4 --warmup 30; (4) --seed 3 --steps 1500 --lr 3e-4 --warmup
 50: shape 0.96 / 0.98, colour 1.00 / 1.00 (bench/results/toy_mmdit_base_msl1.json). The VAE keeps the
