@@ -32,6 +32,10 @@ class TrainableSet:
     def params(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.named]
 
+    def touched(self) -> dict:
+        """{name: parameter} of everything the run changes: the trained set and the closed-form edit's weights."""
+        return dict(self.named) | {n: layer.weight for n, _, layer in self.edited}
+
     def prefixed(self, name) -> str:
         return f"{self.family.component}.{name}"
 
@@ -46,7 +50,7 @@ class TrainableSet:
             self.named = self.family.trainable(self.opts.train)
             if self.opts.closed_form:
                 self.edited = self.family.closed_form_layers()
-            touched = dict(self.named) | {n: layer.weight for n, _, layer in self.edited}
+            touched = self.touched()
             self.fingerprint = fingerprint(self.family.pipe, [self.prefixed(n) for n in touched])
             for n, p in touched.items():
                 self.saved[n] = p.detach().to("cpu", copy=True)
@@ -76,8 +80,7 @@ class TrainableSet:
             from peft.utils import get_peft_model_state_dict
             state = get_peft_model_state_dict(self.family.denoiser, adapter_name=ADAPTER)
             return {k: v.detach().float().cpu() for k, v in state.items()}
-        touched = dict(self.named) | {n: layer.weight for n, _, layer in self.edited}
-        return {n: p.detach().float().cpu() for n, p in touched.items()}
+        return {n: p.detach().float().cpu() for n, p in self.touched().items()}
 
     @torch.no_grad()
     def restore(self, keep: bool):

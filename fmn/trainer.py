@@ -103,8 +103,8 @@ def closed_form_edit(family, trainable, texts, concepts, tpl, opts, parts) -> di
     t0 = time.perf_counter()
     concept_of = concept_prompts(concepts, tpl)[1]
     target = texts.get("anchor") or encode(family, [""] * len(concepts), tpl, concept_of, opts, parts)
-    keep = [encode(family, [*opts.retain, ""], tpl, [0] * (len(opts.retain) + 1) * len(tpl), opts, parts),
-            encode(family, [""], ["{}"], [0], opts, parts)]  # the retained phrases, the bare templates, ""
+    keep = [encode(family, [""], tpl, [0] * len(tpl), opts, parts),  # the bare templates, "", the retained
+            encode(family, [""], ["{}"], [0], opts, parts)] + ([texts["retain"]] if "retain" in texts else [])
     closed_form.edit(trainable.edited, [texts["concept"]], [target], keep, opts.preserve_weight)
     return {"seconds_closed_form": round(time.perf_counter() - t0, 4), "closed_form_layers": len(trainable.edited)}
 
