@@ -40,9 +40,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 import fmn  # noqa: E402
-from fmn.tokenizer import clip_tokenizer  # noqa: E402
-from fmn.options import PRECISIONS  # noqa: E402
-from fmn.patch import SCALE_SUFFIX, quantize_delta  # noqa: E402
+from fmn.processors.tokenizer import clip_tokenizer  # noqa: E402
+from fmn.forgetting.options import PRECISIONS  # noqa: E402
+from fmn.patches.patch import SCALE_SUFFIX, quantize_delta  # noqa: E402
 
 N_REFERENCE = 10
 RESOLUTION = 512

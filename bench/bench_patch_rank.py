@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, SD21_BASE_UNET, machine_info, print_table, write_json_atomic  # noqa: E402
 
 import fmn  # noqa: E402
-from fmn.compress import compress  # noqa: E402
+from fmn.patches.compress import compress  # noqa: E402
 from fmn.toy import SPLITS, evaluate_split, load_classifier, load_default_pipeline  # noqa: E402
 from fmn.toy.defaults import forget_defaults  # noqa: E402
 

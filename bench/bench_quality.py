@@ -45,7 +45,7 @@ from common import RESULTS, machine_info, print_table, write_json_atomic  # noqa
 
 import fmn  # noqa: E402
 from fmn.families import family_for  # noqa: E402
-from fmn.baselines import esd  # noqa: E402
+from fmn.forgetting.baselines import esd  # noqa: E402
 from fmn.toy import (COLORS, MODELS, SHAPES, SPLITS, evaluate, evaluate_split, load_classifier,  # noqa: E402
                      load_default_pipeline, load_pipeline, prompt_set, relative_to, save_grid, score)
 from fmn.toy import mmdit_defaults  # noqa: E402
@@ -134,7 +134,7 @@ def run_all(args):
     base = load_base(args.model)
     defaults = defaults_for(args.model)
     classifier = load_classifier()
-    from fmn.runtime import accelerator
+    from fmn.forgetting.runtime import accelerator
     accelerator()
     methods = args.methods or ALL_METHODS
     # the base model's images, scored anew per task; without "base" among the methods (a part run in parallel
@@ -291,7 +291,7 @@ def main():
     tasks = [t.split("+") for t in (args.tasks or (["circle"] if args.quick else ["circle", "circle+square", "red"]))]
     base = load_base(args.model)
     classifier = load_classifier()
-    from fmn.runtime import accelerator
+    from fmn.forgetting.runtime import accelerator
     accelerator()  # accelerate's one-time import and set-up: in no method's time
     task_options = {"+".join(c): forget_defaults(c) for c in tasks}  # templates, retain, anchor are per task
     rows, grids = [], {}

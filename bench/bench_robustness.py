@@ -75,7 +75,7 @@ def main():
     torch.set_num_threads(1)
     base = load_pipeline(args.model)
     classifier = load_classifier()
-    from fmn.runtime import accelerator
+    from fmn.forgetting.runtime import accelerator
     accelerator()
     rows, base_eval = [], {}
     for concept in args.concepts:

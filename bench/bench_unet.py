@@ -37,10 +37,10 @@ from common import (RESULTS, SD21_BASE_UNET, device_tag, machine_info, print_tab
 from diffusers import UNet2DConditionModel  # noqa: E402
 
 import fmn  # noqa: E402
-from fmn.attention import cross_attention_layers  # noqa: E402
-from fmn.spans import concept_token_mask  # noqa: E402
+from fmn.processors.attention import cross_attention_layers  # noqa: E402
+from fmn.processors.spans import concept_token_mask  # noqa: E402
 from fmn.testing import MaterializingCrossAttnProcessor, set_cross_attention_processor  # noqa: E402
-from fmn.tokenizer import clip_tokenizer  # noqa: E402
+from fmn.processors.tokenizer import clip_tokenizer  # noqa: E402
 
 PROMPT, CONCEPT = "a photo of a cat", "cat"
 

@@ -7,18 +7,18 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    # diffusers integration (fmn/dispatch.py -> fmn/attention.py for UNets, fmn/mmdit_attention.py for
-    # SD3 / FLUX; fmn/spans.py)
-    "use_fused_attention": "fmn.dispatch",
-    "concept_scores": "fmn.dispatch",
-    "forgetting_loss": "fmn.attention",
-    "suppress": "fmn.dispatch",
-    "concept_token_mask": "fmn.spans",
-    # the forgetting run and patch files (fmn/trainer.py, fmn/patch.py)
-    "forget": "fmn.trainer",
-    "Patch": "fmn.patch",
-    "apply": "fmn.patch",
-    "load_patch": "fmn.patch",
+    # diffusers integration (fmn/processors/: dispatch.py -> attention.py for UNets, mmdit_attention.py
+    # for SD3 / FLUX; spans.py)
+    "use_fused_attention": "fmn.processors.dispatch",
+    "concept_scores": "fmn.processors.dispatch",
+    "forgetting_loss": "fmn.processors.attention",
+    "suppress": "fmn.processors.dispatch",
+    "concept_token_mask": "fmn.processors.spans",
+    # the forgetting run and patch files (fmn/forgetting/trainer.py, fmn/patches/patch.py)
+    "forget": "fmn.forgetting.trainer",
+    "Patch": "fmn.patches.patch",
+    "apply": "fmn.patches.patch",
+    "load_patch": "fmn.patches.patch",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

@@ -15,7 +15,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from fmn.tokenizer import clip_tokenizer
+from fmn.processors.tokenizer import clip_tokenizer
 
 KINDS = ("sd1", "sd2", "sdxl")
 SAMPLE_SIZE = 8  # latent side; the VAE below halves once, so images are 16 px
@@ -171,7 +171,7 @@ def set_cross_attention_processor(unet, processor) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Tiny MM-DiT pipelines (SD3 / SD3.5 and FLUX.1), offline: random weights from configs, the CLIP
-# tokenizer from fmn's shipped BPE, a small trained T5 tokenizer (fmn.tokenizer.t5_tokenizer).
+# tokenizer from fmn's shipped BPE, a small trained T5 tokenizer (fmn.processors.tokenizer.t5_tokenizer).
 # The VAE downsamples 8x like the real ones, so 64 px images give 8x8 latents: 16 image tokens
 # (SD3 patch 2; FLUX packs 2x2). Every component is in eval mode (T5 has dropout).
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def tiny_sd3_pipeline(seed=0, dual_attention=True):
     the first block with SD3.5's second, image-only attention when dual_attention), CLIP-L/G of
     width 32 each (concatenated 64 = the joint text width), T5 of width 64."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from fmn.tokenizer import t5_tokenizer
+    from fmn.processors.tokenizer import t5_tokenizer
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(sample_size=MMDIT_IMAGE_SIZE // 8, patch_size=2, in_channels=4,
                                         out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -227,7 +227,7 @@ def tiny_flux_pipeline(seed=0, guidance_embeds=True):
     RoPE axes (4, 6, 6), T5 of width 64 as the sequence text, CLIP (width 32) pooled; guidance
     embedding as in FLUX.1-dev (guidance_embeds=False: schnell's layout)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from fmn.tokenizer import t5_tokenizer
+    from fmn.processors.tokenizer import t5_tokenizer
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,

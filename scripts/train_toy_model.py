@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmn.tokenizer import clip_tokenizer
+from fmn.processors.tokenizer import clip_tokenizer
 from fmn.toy import data
 from fmn.toy import model as M
 

@@ -31,7 +31,7 @@ def sd1_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cat_patch(sd1_folder, tmp_path_factory):
     """`fmn forget --concept cat` on sd1_folder with FAST_CLI, alone in its folder; read-only for tests."""
-    from fmn.cli import main
+    from fmn.cli.main import main
     out = tmp_path_factory.mktemp("patches") / "cat.safetensors"
     assert main(["forget", "--model", sd1_folder, "--concept", "cat", "--out", str(out), *FAST_CLI]) == 0
     return out

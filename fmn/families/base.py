@@ -8,9 +8,9 @@ family (SD3, FLUX: MM-DiT, flow matching) is one new module with one `ModelFamil
 registered in `fmn.families.FAMILIES`.
 
 Adding a family: subclass ModelFamily in fmn/families/<name>.py and answer every abstract method;
-its fused processors read one fmn.attention.AttentionContext per handle (concept_weights [B, L] ->
+its fused processors read one fmn.processors.attention.AttentionContext per handle (concept_weights [B, L] ->
 record sum_j w_j p_ij^2 into context.recorder; zero_mask [B, L] -> zero those columns after the
-softmax), as fmn.attention.FusedCrossAttnProcessor does for attn2; list the class in
+softmax), as fmn.processors.attention.FusedCrossAttnProcessor does for attn2; list the class in
 fmn.families.FAMILIES (before a family whose matches() could also accept its pipelines).
 
 Conventions: timesteps `t` are integer training timesteps in [0, timestep_count()) (a
@@ -118,8 +118,8 @@ class ModelFamily(ABC):
     @abstractmethod
     def fused_attention(self, backend: str):
         """Installs fmn's fused processors on attention_layers(); returns a handle with `.remove()`
-        and `.context`: the one fmn.attention.AttentionContext all of them read on every call
-        (the trainer records concept scores through it with fmn.attention.recording)."""
+        and `.context`: the one fmn.processors.attention.AttentionContext all of them read on every call
+        (the trainer records concept scores through it with fmn.processors.attention.recording)."""
 
     @abstractmethod
     def suppress(self, concepts: list[str], *, include_eos: bool = False, backend: str = "auto"):
@@ -132,9 +132,9 @@ class ModelFamily(ABC):
 
     def closed_form_layers(self) -> list[tuple[str, str, torch.nn.Linear]]:
         """(parameter name, input kind, layer) of every linear layer a closed-form edit changes (fmn.closed_form;
-        which ones: fmn.patch_check.CLOSED_FORM_LAYERS): input kind "embeds" reads the prompts' token
+        which ones: fmn.patches.patch_check.CLOSED_FORM_LAYERS): input kind "embeds" reads the prompts' token
         embeddings, "pooled" the pooled text vector."""
-        from fmn.patch_check import CLOSED_FORM_LAYERS
+        from fmn.patches.patch_check import CLOSED_FORM_LAYERS
 
         kinds = CLOSED_FORM_LAYERS[self.component]
         return [(f"{n}.weight", kind, m) for n, m in self.denoiser.named_modules() if isinstance(m, torch.nn.Linear)

@@ -3,7 +3,7 @@
 What differs from the UNet family, and how it is answered here:
 - text: SD3 conditions on CLIP-L + CLIP-G (77 columns, features concatenated) followed by T5's
   columns, FLUX on T5's columns only (CLIP pooled); prompts are encoded by the pipeline's own
-  `encode_prompt`, the concept's columns found from character offsets (fmn.spans.mmdit_text_mask);
+  `encode_prompt`, the concept's columns found from character offsets (fmn.processors.spans.mmdit_text_mask);
   concept inversion's copied tokenizers / encoders are put on the pipeline for that while
   (`using_text_parts`, restored on exit);
   the T5 length is the pipeline's default (SD3 256, FluxPipeline 512) unless given.
@@ -42,10 +42,10 @@ import math
 
 import torch
 
-from fmn import patch_check
+from fmn.patches import patch_check
 from fmn.families.base import ModelFamily, tuned_defaults
-from fmn.mmdit_attention import is_mmdit, joint_attention_layers, suppress, use_fused_attention
-from fmn.spans import mmdit_family, mmdit_text_mask, pipeline_max_sequence_length
+from fmn.processors.mmdit_attention import is_mmdit, joint_attention_layers, suppress, use_fused_attention
+from fmn.processors.spans import mmdit_family, mmdit_text_mask, pipeline_max_sequence_length
 
 TRAIN_SETS = ("attn2", "attn2-kv", "unet", "lora")
 LORA_TARGETS = list(patch_check.MMDIT_LORA_TARGETS)
@@ -115,7 +115,7 @@ class MMDiTFamily(ModelFamily):
     @contextlib.contextmanager
     def using_text_parts(self, parts=None):
         """Within: the pipeline's tokenizers and text encoders are `parts` (as text_parts() lists them; None:
-        its own), so that its encode_prompt and fmn.spans.mmdit_text_mask read them; the originals are put
+        its own), so that its encode_prompt and fmn.processors.spans.mmdit_text_mask read them; the originals are put
         back on exit, also after an exception (concept inversion encodes with copies; the pipeline is not kept)."""
         names = self.text_part_names()
         if parts is None or parts == self.text_parts():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from fmn.attention import cross_attention_layers, suppress, use_fused_attention
+from fmn.processors.attention import cross_attention_layers, suppress, use_fused_attention
 from fmn.families.base import ModelFamily, Prompts, tuned_defaults
-from fmn.spans import concept_token_mask
+from fmn.processors.spans import concept_token_mask
 
 TRAINABLE = {
     "attn2": lambda n: ".attn2." in n,

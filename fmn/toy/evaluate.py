@@ -257,7 +257,7 @@ def slot_control(pipe, classifier=None, seeds: Iterable[int] = (0, 1), color: st
     forgetting (fmn's attention loss) can only work on such a model.
     """
     from fmn.families import family_for
-    from fmn.spans import concept_token_mask
+    from fmn.processors.spans import concept_token_mask
 
     if classifier is None:
         from fmn.toy.classifier import load_classifier

@@ -37,7 +37,7 @@ def build_vae() -> AutoencoderKL:
 
 
 def build_tokenizer(text_slots: int = TEXT_SLOTS):
-    from fmn.tokenizer import clip_tokenizer
+    from fmn.processors.tokenizer import clip_tokenizer
     from fmn.toy.data import vocabulary
     return clip_tokenizer(pad_token="<|endoftext|>", model_max_length=text_slots, words=vocabulary())
 
@@ -75,11 +75,11 @@ def build_inference_scheduler() -> DDIMScheduler:
 def prune_vocabulary(tokenizer, text_encoder: CLIPTextModel, words):
     """A small-vocabulary copy of (tokenizer, text_encoder) that encodes `words` exactly as before.
 
-    The small tokenizer keeps CLIP's BPE only for `words` (fmn.tokenizer.clip_tokenizer(words=...)),
+    The small tokenizer keeps CLIP's BPE only for `words` (fmn.processors.tokenizer.clip_tokenizer(words=...)),
     so those words split into the same token strings; the encoder keeps the embedding rows of those
     strings, everything else unchanged. Prompts made of `words` give bit-identical outputs; other
     words split into smaller pieces. Cuts the toy encoder from 49408 rows (6.3 MB in fp16) to 588."""
-    from fmn.tokenizer import clip_tokenizer
+    from fmn.processors.tokenizer import clip_tokenizer
 
     small = clip_tokenizer(pad_token=tokenizer.pad_token, model_max_length=tokenizer.model_max_length, words=words)
     full_ids = tokenizer.get_vocab()

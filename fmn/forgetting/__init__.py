@@ -1,0 +1,1 @@
+"""The forgetting run: trainer, losses, inversion, closed form, baselines, options."""

@@ -1,0 +1,1 @@
+"""Patch files: format, checks, low-rank compression, LoRA export."""

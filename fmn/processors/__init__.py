@@ -1,0 +1,1 @@
+"""Diffusers attention processors: fused/score/suppress, dispatch, concept token spans."""
