@@ -44,7 +44,6 @@ _PLAIN_PROCESSORS = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor
                      "AttnProcessorNPU", "FusedCrossAttnProcessor"}
 
 
-
 @dataclass
 class AttentionContext:
     """What the fused processors do on the calls made while it is set (see the module docstring).
