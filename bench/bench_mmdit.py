@@ -13,11 +13,17 @@ into the text-side key/value projections (train="attn2-kv"). Variants:
   softmax that keeps every joint map (fmn.testing.MaterializedSDPA), the loss read from them: a
   plain-PyTorch FMN on MM-DiT;
 - sdpa: the stock processors and a plain denoising-style loss (mean of the output): the floor
-  (no concept scores at all).
+  (no concept scores at all), with SDPA limited to the flash / mem-efficient / math backends;
+- sdpa-default: the same with torch's default backend choice, which on Hopper may pick cuDNN,
+  whose backward fails at FLUX shapes in torch 2.11 (`mha_graph.execute(...).is_good()`,
+  reported as an illegal memory access that poisons the CUDA context). It runs last: a variant
+  that raises is reported (status, error) and the others keep their figures; the JSON is
+  rewritten after each variant (bench/common.py run_variants). Results name the SDPA backends
+  each stock variant ran (torch profiler).
 Peak memory as in bench_unet.py (CPU: VmHWM above VmRSS before the step; CUDA: max allocated).
 
     python bench/bench_mmdit.py --quick                  # CPU, bf16, 256 px, 1 + 1 blocks
-    python bench/bench_mmdit.py --resolution 512 --double 2 --single 2
+    python bench/bench_mmdit.py --resolution 1024 --double 2 --single 2 --quick   # H200: ~60 s
 Writes bench/results/mmdit_<device>.json and .png. The full-size memory model (per-layer P of
 B*H*N_joint^2 values) is printed and stored alongside.
 """
@@ -29,8 +35,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_unet import alternating_times, measure_peak, memory_method, plot, result_rows  # noqa: E402
-from common import RESULTS, device_tag, machine_info, print_table, write_json_atomic  # noqa: E402
+from bench_unet import memory_method, plot  # noqa: E402
+from common import (RESULTS, device_tag, machine_info, print_table, run_variants, sdpa_backends,  # noqa: E402
+                    sdpa_settings, write_json_atomic)
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from diffusers import FluxTransformer2DModel  # noqa: E402
 
@@ -87,7 +95,25 @@ def sdpa_step(model, inputs, weights):
     return loss.item()
 
 
-VARIANTS = {"fused": fused_step, "materialising": materialising_step, "sdpa": sdpa_step}
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa_no_cudnn_step(model, inputs, weights):
+    with sdpa_kernel(NO_CUDNN):
+        return sdpa_step(model, inputs, weights)
+
+
+# In order: the ones that may fail last.
+VARIANTS = {"fused": fused_step, "materialising": materialising_step, "sdpa": sdpa_no_cudnn_step,
+            "sdpa-default": sdpa_step}
+
+
+def profiled_backends(call):
+    """sdpa_backends(call), or why not (a profile that fails changes no figure)."""
+    try:
+        return sdpa_backends(call)
+    except Exception as e:
+        return f"not profiled: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def memory_model(batch=1, bytes_per_value=2):
@@ -124,7 +150,9 @@ def main():
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
 
     torch.manual_seed(0)
-    model = flux_dev_blocks(args.double, args.single).to(device, dtype).train()
+    with torch.device(device):  # random init on the device: seconds instead of a minute on the CPU
+        model = flux_dev_blocks(args.double, args.single)
+    model = model.to(dtype).train()
     model.requires_grad_(False)
     for name, p in model.named_parameters():
         if ".attn.add_k_proj." in name or ".attn.add_v_proj." in name:
@@ -145,21 +173,6 @@ def main():
             return step(model, inputs, weights)
         return call
     calls = {variant: make_call(step) for variant, step in VARIANTS.items()}
-    load_start = os.getloadavg()
-    measured = {}
-    for variant, call in calls.items():
-        model.zero_grad(set_to_none=True)
-        measured[variant] = measure_peak(call, device)
-    times = alternating_times(calls, device, repeats)
-    load_end = os.getloadavg()
-    rows = result_rows(measured, times)
-    print_table(rows, ["variant", "ms_median", "peak_extra_mib", "peak_total_mib", "loss"])
-    rel = abs(rows[0]["loss"] - rows[1]["loss"]) / abs(rows[1]["loss"])
-    print(f"attention loss relative difference fused vs materialising: {rel:.2e}")
-    full = memory_model()
-    print_table(full, ["model", "joint_tokens", "layers", "P_per_layer_gib", "P_all_layers_gib",
-                       "fused_all_layers_gib"])
-
     tag = device_tag(device)
     out = args.out or RESULTS / f"mmdit_{tag}.json"
     payload = {
@@ -169,19 +182,41 @@ def main():
         "blocks": {"double": args.double, "single": args.single}, "heads": HEADS, "head_dim": HEAD_DIM,
         "resolution": args.resolution, "image_tokens": image_tokens, "text_tokens": args.text_len,
         "joint_tokens": joint, "trainable": "text-side add_k_proj/add_v_proj of the double-stream blocks",
-        "concept_columns": CONCEPT_COLUMNS, "repeats": repeats,
-        "memory_method": memory_method(device),
-        "load_average_1_5_15min": {"start": load_start, "end": load_end},
-        "results": rows, "loss_relative_difference": rel, "layers_measured": layers,
-        "full_size_memory_model_bf16_batch1": full,
+        "concept_columns": CONCEPT_COLUMNS, "repeats": repeats, "memory_method": memory_method(device),
+        "sdpa_enabled": sdpa_settings(), "sdpa_backends": {"sdpa": "flash / efficient / math only (no cuDNN)",
+                                                           "sdpa-default": "torch's choice"},
+        "load_average_1_5_15min": {"start": os.getloadavg()}, "layers_measured": layers,
     }
+
+    def save(rows):
+        payload["results"] = rows
+        write_json_atomic(out, payload)
+    # Which SDPA kernels the stock variants run (torch profiler, one call each): the safe one now,
+    # the default choice only after its measured run went through (it may poison the context).
+    payload["sdpa_backends"]["sdpa"] = profiled_backends(calls["sdpa"])
+    rows = run_variants(calls, device, repeats, save)
+    payload["load_average_1_5_15min"]["end"] = os.getloadavg()
+    if any(r["variant"] == "sdpa-default" and r["status"] == "ok" for r in rows):
+        payload["sdpa_backends"]["sdpa-default"] = profiled_backends(calls["sdpa-default"])
+    print_table(rows, ["variant", "status", "ms_median", "peak_extra_mib", "peak_total_mib", "result", "error"])
+    losses = {r["variant"]: r.get("result") for r in rows}
+    rel = None
+    if losses.get("fused") is not None and losses.get("materialising"):
+        rel = abs(losses["fused"] - losses["materialising"]) / abs(losses["materialising"])
+        print(f"attention loss relative difference fused vs materialising: {rel:.2e}")
+    print(f"SDPA backends: {payload['sdpa_backends']}")
+    full = memory_model()
+    print_table(full, ["model", "joint_tokens", "layers", "P_per_layer_gib", "P_all_layers_gib",
+                       "fused_all_layers_gib"])
+
+    payload.update(results=rows, loss_relative_difference=rel, full_size_memory_model_bf16_batch1=full)
     if device.type == "cpu":
         payload["note"] = ("On a CPU the fused variant runs fmn_kernels' PyTorch reference (fp32 maps), so its memory "
                            "is close to the materialising variant by construction; the O(N*D) kernel needs a GPU "
                            "(see the memory model). CPU times vary with the machine's load (see load_average).")
     write_json_atomic(out, payload)
-    plot(rows, out.with_suffix(".png"), f"FLUX.1-dev blocks {args.double}+{args.single}, {args.resolution} px, "
-                                        f"{joint} joint tokens, {args.dtype}, {tag}", width=9)
+    title = f"FLUX.1-dev blocks {args.double}+{args.single}, {args.resolution} px, {joint} joint tokens, {args.dtype}"
+    plot([r for r in rows if r.get("ms_median")], out.with_suffix(".png"), f"{title}, {tag}", width=9)
     print(f"wrote {out} and {out.with_suffix('.png').name}")
 
 

@@ -151,3 +151,141 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return "-" if value != value else f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return "-" if value is None else str(value)
+
+
+# ---------------------------------------------------------------- variants that may fail
+
+SDPA_KERNELS = {  # the aten op each SDPA backend runs, as the torch profiler names it
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_efficient_attention": "efficient (mem-efficient)",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "cpu flash",
+    "aten::_scaled_dot_product_attention_math": "math",
+    "aten::_scaled_dot_product_fused_attention_overrideable": "overrideable",
+}
+
+
+def sdpa_backends(fn) -> list[str]:
+    """The SDPA backends fn() runs, read from the torch profiler (CPU activity: the aten op names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.name for e in prof.events()}
+    return sorted({backend for op, backend in SDPA_KERNELS.items() if op in names})
+
+
+def sdpa_settings() -> dict:
+    """Which SDPA backends torch may pick (torch.backends.cuda flags; CUDA only)."""
+    if not torch.cuda.is_available():
+        return {}
+    b = torch.backends.cuda
+    return {"flash": b.flash_sdp_enabled(), "mem_efficient": b.mem_efficient_sdp_enabled(),
+            "cudnn": b.cudnn_sdp_enabled(), "math": b.math_sdp_enabled()}
+
+
+def short_error(e: BaseException) -> str:
+    """Type and first line of an exception (CUDA errors come with pages of context)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+def cuda_context_lost(device: torch.device) -> bool:
+    """After a CUDA error: True when the context is unusable (an illegal memory access poisons it)."""
+    if device.type != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize(device)
+        torch.zeros(1, device=device).add_(1).item()
+        return False
+    except Exception:  # any error here: the context is gone
+        return True
+
+
+def timed_ms(fn, device: torch.device) -> float:
+    """Wall time of one fn() call in ms (CUDA: synchronised before and after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure_peak(fn, device: torch.device):
+    """(result of fn(), extra MiB above the state before, total MiB at the peak). CUDA: the caching
+    allocator's peak; CPU: VmHWM after a clear_refs reset (ru_maxrss growth where that is missing)."""
+    import resource
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return result, (peak - before) / 2**20, peak / 2**20
+    if reset_peak_rss():
+        before = proc_status_kib("VmRSS")
+        result = fn()
+        peak = proc_status_kib("VmHWM")
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result = fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if peak <= before:
+            return result, float("nan"), float("nan")
+    return result, (peak - before) / 1024, peak / 1024
+
+
+def run_variants(calls: dict, device: torch.device, repeats: int, checkpoint=None, warmup: int = 1) -> list[dict]:
+    """Rows {variant, status, error, result, peak_extra_mib, peak_total_mib, ms_median, ms_all}.
+
+    Each variant's first call measures peak memory (and is a warm-up), then `repeats` rounds time
+    the variants alternately (the order reversed every other round, so load on a shared machine
+    hits all alike). A variant that raises is reported (status "error" and the message) and
+    dropped; the others go on. After a CUDA error that leaves the context unusable, the variants
+    not yet run are "skipped". checkpoint(rows) runs before each variant's first call and after
+    each stage: a result file written there shows what ran even if the process dies (a variant
+    left "running" is the one it died in). Run the variants most likely to fail last.
+    """
+    rows = {v: {"variant": v, "status": "pending"} for v in calls}
+    save = (lambda: checkpoint(list(rows.values()))) if checkpoint else (lambda: None)
+    lost = None
+
+    def failed(variant, e):
+        nonlocal lost
+        rows[variant].update(status="error", error=short_error(e))
+        print(f"{variant}: FAILED {short_error(e)}", flush=True)
+        if cuda_context_lost(device):
+            lost = variant
+
+    for variant, fn in calls.items():
+        if lost:
+            rows[variant].update(status="skipped", error=f"the CUDA context was lost when {lost!r} failed")
+            continue
+        rows[variant]["status"] = "running"
+        save()
+        try:
+            result, extra, total = measure_peak(fn, device)
+            for _ in range(warmup - 1):
+                fn()
+            rows[variant].update(status="ok", result=result, peak_extra_mib=extra, peak_total_mib=total)
+        except Exception as e:  # report it, go on with the others
+            failed(variant, e)
+        save()
+    times = {v: [] for v in calls if rows[v]["status"] == "ok"}
+    for round_ in range(repeats):
+        for variant in (list(times) if round_ % 2 == 0 else list(times)[::-1]):
+            if lost or rows[variant]["status"] != "ok":
+                continue
+            try:
+                times[variant].append(timed_ms(calls[variant], device))
+            except Exception as e:
+                failed(variant, e)
+    for variant, ts in times.items():
+        if ts:
+            rows[variant].update(ms_median=statistics.median(ts), ms_all=ts)
+    save()
+    return list(rows.values())

@@ -206,6 +206,7 @@ def cmd_forget(a):
         closed_form=a.closed_form, preserve_weight=a.preserve_weight,
         inversion=a.inversion, inversion_steps=a.inversion_steps, inversion_tokens=a.inversion_tokens,
         patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
+        cuda_graphs=False if a.no_cuda_graphs else None,
         progress=not a.quiet, base_model=model_label(a.model))
     given = {k: v for k, v in given.items() if v is not None}
     if a.patch_rank and a.patch_rel_error:
@@ -607,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per weight, the smallest rank within this relative (Frobenius) error, e.g. 0.2")
     f.add_argument("--gradient-checkpointing", action="store_true")
     f.add_argument("--max-grad-norm", type=float, default=None)
+    f.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, run the training steps eagerly instead of replaying CUDA graphs")
     f.add_argument("--strict", action="store_true",
                    help="refuse concepts whose words the model's tokenizer does not know (default: a warning)")
     f.add_argument("--backend", choices=BACKENDS, default="auto",

@@ -69,6 +69,8 @@ class ForgetOptions:
     patch_dtype: str = "fp16"          # fp16 | bf16 | fp32 | int8 deltas, or "exact" replacements
     inplace: bool = False              # leave the trained weights in the pipeline
     offload: bool = True               # text encoders and VAE to the CPU during training (CUDA only)
+    cuda_graphs: bool = True           # CUDA: the steps' denoiser calls replayed as CUDA graphs (fmn.cuda_graphs);
+                                       # a failed capture falls back to eager with a warning
     device: str | None = None          # None: accelerate's device
     progress: bool = True
     base_model: str | None = None      # recorded in the patch; None: pipe.name_or_path
@@ -80,6 +82,8 @@ class ForgetOptions:
             bad(f"steps must be an int >= 1 (>= 0 with closed_form), got {self.steps!r}")
         if not isinstance(self.closed_form, bool):
             bad(f"closed_form must be True or False, got {self.closed_form!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            bad(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if self.steps == 0 and not self.closed_form:
             bad("steps must be >= 1 unless closed_form=True (steps=0: the closed-form edit alone)")
         if self.closed_form and self.train == "lora":
@@ -140,7 +144,7 @@ class ForgetOptions:
     def record(self) -> dict:
         """The options as stored in the patch metadata."""
         d = asdict(self)
-        for k in ("progress", "device", "base_model", "inplace", "offload"):
+        for k in ("progress", "device", "base_model", "inplace", "offload", "cuda_graphs"):
             d.pop(k)
         return json.loads(json.dumps(d))  # tuples as lists: what a patch file gives back
 

@@ -35,7 +35,26 @@ def autocast_for(opts, model: torch.nn.Module, device: torch.device):
     if opts.precision == "fp16" and device.type == "cpu":
         raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     amp_dtype, enabled = PRECISIONS[opts.precision], opts.precision != "fp32"
-    return lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=enabled)
+    # No weight-cast cache: CUDA graph capture refuses it, and each weight is cast once per call anyway.
+    return lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=enabled, cache_enabled=False)
+
+
+_NOTICE = {"given": False}
+
+
+def kernel_compile_notice(device: torch.device, opts) -> str | None:
+    """The line to show before a run's first step when it is the process's first run of the Triton
+    kernels on CUDA (they compile for the GPU unless Triton's cache has them), then None.
+
+    The kernels run where concept scores are needed (the attention loss); the visual loss alone and
+    CPU runs compile nothing."""
+    if _NOTICE["given"] or device.type != "cuda" or opts.backend not in ("auto", "triton") \
+            or opts.loss not in ("attention", "both"):
+        return None
+    _NOTICE["given"] = True
+    graphs = " and capturing CUDA graphs" if opts.cuda_graphs else ""
+    return (f"fmn: first step: compiling the attention kernels for this GPU{graphs} "
+            "(up to ~30 s on a fresh machine; cached for later runs)")
 
 
 def reset_peak_memory(device: torch.device):

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 
 import torch
 
 from fmn.forgetting import closed_form
+from fmn.forgetting.cuda_graphs import GraphedDenoiser, unavailable
 from fmn.families import family_for
 from fmn.families.base import Prompts
 from fmn.forgetting.inversion import invert
@@ -46,7 +48,8 @@ from fmn.forgetting.options import PATCH_DTYPES, ForgetError, ForgetOptions, tem
 from fmn.patches.patch import Patch
 from fmn.forgetting.references import References, reference_latents
 from fmn.forgetting.restore import PipelineState
-from fmn.forgetting.runtime import accelerator, autocast_for, peak_memory, peak_rss, reset_peak_memory
+from fmn.forgetting.runtime import (accelerator, autocast_for, kernel_compile_notice, peak_memory, peak_rss,
+                                    reset_peak_memory)
 from fmn.forgetting.trainable import TrainableSet, lora_scale
 
 
@@ -120,7 +123,16 @@ def build_run(family, accel, opts, device, items, text, params, autocast, attent
     lo, hi = opts.timesteps[0], min(opts.timesteps[1], n_train)
     if lo >= hi:
         raise ValueError(f"timesteps {opts.timesteps} are outside the scheduler's [0, {n_train})")
+    if unavailable(opts, device, accel.num_processes) is None:  # the steps' calls replayed as CUDA graphs
+        model = GraphedDenoiser(model, attention, detach_recorded_output=opts.loss == "attention")
     return Run(family, model, opts, device, items, text, optimizer, scaler, autocast, lo, hi, attention)
+
+
+def graphs_status(run, accel) -> str:
+    """The summary's word on CUDA graphs: on (graphs, replays), failed, or off and why."""
+    if isinstance(run.model, GraphedDenoiser):
+        return run.model.status()
+    return f"off ({unavailable(run.opts, run.device, accel.num_processes)})"
 
 
 def train_and_measure(run, caches, accel, concepts, params) -> dict:
@@ -132,6 +144,9 @@ def train_and_measure(run, caches, accel, concepts, params) -> dict:
     eval_batch = Batch(eval_batch.pick, eval_batch.rows,
                        torch.linspace(run.lo, run.hi - 1, n_eval).round().long().to(run.device), eval_batch.noise)
     run.family.denoiser.train()
+    notice = kernel_compile_notice(run.device, opts) if opts.progress and accel.is_main_process else None
+    if notice:  # the first step may compile for tens of seconds: say so rather than look stuck
+        print(notice, file=sys.stderr, flush=True)
     with torch.no_grad():
         loss_before = forgetting_step(run, eval_batch)
     t_train = time.perf_counter()
@@ -145,7 +160,8 @@ def train_and_measure(run, caches, accel, concepts, params) -> dict:
         after = {name: cached_loss(run, cache, torch.arange(len(cache.rows))) for name, cache in caches.items()}
     if not math.isfinite(loss_after) or not all(bool(torch.isfinite(p).all()) for p in params):
         raise ForgetError("the trained weights are not finite; nothing was written. Try a lower lr.")
-    return {"seconds_train": round(t_train, 4), "loss_before": loss_before, "loss_after": loss_after,
+    return {"seconds_train": round(t_train, 4), "cuda_graphs": graphs_status(run, accel),
+            "loss_before": loss_before, "loss_after": loss_after,
             "losses": seen["forget"],
             "retain_loss_after": after.get("retain"), "retain_losses": seen["retain"] or None,
             "anchor_loss_after": after.get("anchor"), "anchor_losses": seen["anchor"] or None}

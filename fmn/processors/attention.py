@@ -12,7 +12,14 @@ all processors a `FusedAttention` handle installs (`handle.context`). It holds:
   `recorder` (`concept_scores`);
 - `zero_mask` [B, 77] bool: zero those columns' probabilities after the softmax, not
   renormalised (`zero_columns`, `suppress`);
-- neither: plain fused attention (`use_fused_attention`).
+- neither: plain attention (`use_fused_attention`).
+Dispatch: the Triton kernel only where it adds something. A call with neither mask (inference,
+self-attention) is `F.scaled_dot_product_attention` with the caller's mask, exactly as
+AttnProcessor2_0 (bit-identical); zeroing alone is the same SDPA on values with those key rows
+zeroed (post-softmax zeroing without renormalisation is exactly that, output and gradients); only
+concept scores need the fused kernel (or, with an additive bias the kernel does not take, the
+materialising fallback: key length 77, cheap). Nothing here reads a GPU tensor on the host: no
+synchronisation per layer.
 The context managers below set it for the duration of a block and put back what was there.
 (diffusers' `cross_attention_kwargs` would reach the self-attention processors too, which
 warn on every call about keys they do not take.) Masks are batch-major, aligned with the
@@ -21,7 +28,7 @@ encoder_hidden_states batch the UNet is called with.
 import inspect
 import warnings
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,17 +43,28 @@ from fmn.processors.spans import concept_token_mask, with_guidance
 _PLAIN_PROCESSORS = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor",
                      "AttnProcessorNPU", "FusedCrossAttnProcessor"}
 
-# diffusers turns 0/1 masks into additive biases of 0 / -10000; anything at or below this is
-# "excluded" (its softmax weight underflows to exactly 0 in fp32 and lower precisions).
-_MASKED_BIAS = -1e4
-
 
 @dataclass
 class AttentionContext:
-    """What the fused processors do on the calls made while it is set (see the module docstring)."""
+    """What the fused processors do on the calls made while it is set (see the module docstring).
+
+    `derived` keeps masks made from the ones set (e.g. MM-DiT's joint masks), so that they are
+    made once per model call, not once per layer."""
     concept_weights: torch.Tensor | None = None
     zero_mask: torch.Tensor | None = None
     recorder: "ConceptScores | None" = None
+    prepared: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def derived(self, name, source, key, make):
+        """make(), reused while `source` is the same tensor object, unchanged in place, and `key` (a
+        tuple of host values: shapes, dtype, device) is equal; one entry per name."""
+        tag = (source._version, key)
+        hit = self.prepared.get(name)
+        if hit is not None and hit[0] is source and hit[1] == tag:
+            return hit[2]
+        value = make()
+        self.prepared[name] = (source, tag, value)
+        return value
 
 
 class FusedCrossAttnProcessor:
@@ -105,7 +123,7 @@ class FusedCrossAttnProcessor:
             hidden_states = self._cross_attention(attn, query, key, value, attention_mask)
         else:  # called as self-attention: no text columns, so exactly AttnProcessor2_0
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           scale=attn.scale)
+                                                           dropout_p=0.0, is_causal=False)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -119,20 +137,21 @@ class FusedCrossAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
     def _cross_attention(self, attn, query, key, value, bias):
+        """SDPA unless a concept score is wanted (see the module docstring). Like AttnProcessor2_0,
+        the SDPA calls use SDPA's own scale (D ** -0.5), the kernel calls `attn.scale` (the same for
+        every diffusers model that scales q.k)."""
         batch, key_len = key.shape[0], key.shape[2]
         weights = _fit_mask("concept_weights", self.context.concept_weights, batch, key_len, query.device, self.name)
         zero = _fit_mask("zero_mask", self.context.zero_mask, batch, key_len, query.device, self.name)
-        key_mask = None
-        if bias is not None:
-            key_mask = _key_mask_from_bias(bias)
-            if key_mask is None:  # a general additive bias: the kernel cannot take it
-                if weights is None and zero is None:
-                    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=attn.scale)
-                out, score = _materialised_attention(query, key, value, attn.scale, bias, weights, zero)
-                self._record(score)
-                return out
-        out, score = cross_attention(query, key, value, scale=attn.scale, concept_weights=weights,
-                                     zero_mask=zero, key_mask=key_mask, backend=self.backend)
+        if weights is None:
+            if zero is not None:  # p_ij zeroed after the softmax == v_j zeroed: same output and gradients
+                value = value.masked_fill(zero[:, None, :, None], 0)
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
+        if bias is not None:  # the kernel takes key masks only; telling one from a bias would read the GPU
+            out, score = _materialised_attention(query, key, value, attn.scale, bias, weights, zero)
+        else:
+            out, score = cross_attention(query, key, value, scale=attn.scale, concept_weights=weights,
+                                         zero_mask=zero, backend=self.backend)
         self._record(score)
         return out
 
@@ -149,26 +168,6 @@ def _fit_mask(name, mask, batch, key_len, device, layer):
                          f"with a batch of {batch} and {key_len} text tokens: expected [{batch}, {key_len}], "
                          "one row per encoder_hidden_states sample, batch-major")
     return mask.to(device, non_blocking=True)
-
-
-def _key_mask_from_bias(bias):
-    """The bool key mask [B, L] equal to an additive bias [B, H, 1 or N, L], or None if there is none.
-
-    The bias is a key mask when it is the same for every head and query row, every entry is 0
-    (kept) or <= -1e4 (excluded), and every sample keeps a key (SDPA spreads a fully masked row
-    uniformly; the kernel returns zeros for it).
-    """
-    if bias.shape[2] != 1:
-        return None
-    per_key = bias[:, :1, 0, :]
-    if bias.dtype == torch.bool:
-        keep = per_key
-        plain = True
-    else:
-        keep = per_key == 0
-        plain = (keep | (per_key <= _MASKED_BIAS)).all()
-    ok = plain & (bias == bias[:, :1]).all() & keep.any(-1).all()
-    return keep[:, 0] if bool(ok) else None
 
 
 def _materialised_attention(query, key, value, scale, bias, weights, zero):

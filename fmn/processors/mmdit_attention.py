@@ -23,6 +23,10 @@ batch-major like encoder_hidden_states, over the text columns only:
   no token reads the concept's tokens at all, so the concept cannot reach the image through the
   other text tokens of later layers (the text stream is updated by attention in MM-DiT, unlike
   the fixed text states of a UNet).
+Dispatch, as in fmn.attention: calls with neither mask are exactly the stock processors' attention
+(SDPA; FLUX: diffusers' dispatch_attention_fn), zeroing alone is the same attention on values with
+the zeroed columns' rows zeroed, and only concept scores run the fused kernel. The joint masks are
+made once per transformer call (AttentionContext.derived) and nothing reads a GPU tensor on the host.
 """
 import inspect
 import warnings
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from fmn_kernels import cross_attention
@@ -75,29 +80,40 @@ class _FusedMMDiTProcessor:
         self.backend = backend
         self.context = context
 
-    def joint_attention(self, query, key, value, text_len, text_first, context):
-        """query/key/value [B, H, S, D] over the joint sequence; returns [B, H, S, D]."""
+    def joint_attention(self, query, key, value, text_len, text_first, context, sdpa):
+        """query/key/value over the joint sequence, heads first [B, H, S, D] (text_first=False, SD3)
+        or sequence first [B, S, H, D] (FLUX); returns the same layout. sdpa(q, k, v): the stock
+        processor's attention, for calls without concept weights."""
         context = context or self.context
-        batch, _, joint_len, _ = query.shape
-        weights = zero = None
-        if context.concept_weights is not None or context.zero_mask is not None:
-            if text_len is None:
-                raise ValueError(f"layer {self.name!r} got no text length: call the transformer itself "
-                                 "(its pre-hook records len(encoder_hidden_states)) with fmn's processors installed")
-            weights = self._joint_mask("concept_weights", context.concept_weights, batch, text_len, joint_len,
-                                       text_first, query.device)
-            zero = self._joint_mask("zero_mask", context.zero_mask, batch, text_len, joint_len, text_first,
-                                    query.device)
-        out, score = cross_attention(query, key, value, scale=query.shape[-1] ** -0.5, concept_weights=weights,
-                                     zero_mask=zero, backend=self.backend)
-        if score is not None and context.recorder is not None:
+        weights, zero = self._joint_masks(context, query, text_len, text_first)
+        if weights is None:
+            if zero is not None:  # p_ij zeroed after the softmax == v_j zeroed: same output and gradients
+                value = value.masked_fill(zero[:, :, None, None] if text_first else zero[:, None, :, None], 0)
+            return sdpa(query, key, value)
+        heads_first = (lambda t: t.transpose(1, 2)) if text_first else (lambda t: t)
+        out, score = cross_attention(heads_first(query), heads_first(key), heads_first(value),
+                                     scale=query.shape[-1] ** -0.5, concept_weights=weights, zero_mask=zero,
+                                     backend=self.backend)
+        if context.recorder is not None:
+            joint_len = score.shape[-1]
             image_rows = slice(text_len, None) if text_first else slice(0, joint_len - text_len)
             context.recorder.add(self.name, score[:, :, image_rows])
-        return out
+        return heads_first(out)
+
+    def _joint_masks(self, context, query, text_len, text_first):
+        """The context's (concept_weights, zero_mask) over the joint columns [B, S] (or None), made
+        once per call of the model."""
+        if context.concept_weights is None and context.zero_mask is None:
+            return None, None
+        if text_len is None:
+            raise ValueError(f"layer {self.name!r} got no text length: call the transformer itself "
+                             "(its pre-hook records len(encoder_hidden_states)) with fmn's processors installed")
+        shape = (query.shape[0], text_len, query.shape[1 if text_first else 2], text_first, query.device)
+        return tuple(None if mask is None else context.derived(
+            name, mask, shape, lambda m=mask, n=name: self._joint_mask(n, m, *shape))
+            for name, mask in (("concept_weights", context.concept_weights), ("zero_mask", context.zero_mask)))
 
     def _joint_mask(self, name, mask, batch, text_len, joint_len, text_first, device):
-        if mask is None:
-            return None
         if tuple(mask.shape) != (batch, text_len):
             raise ValueError(f"{name} has shape {list(mask.shape)}, but joint attention layer {self.name!r} was "
                              f"called with a batch of {batch} and {text_len} text tokens: expected "
@@ -123,7 +139,7 @@ class FusedJointAttnProcessor(_FusedMMDiTProcessor):
                                           attn.norm_k)
 
         if encoder_hidden_states is None:
-            hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+            hidden_states = _sd3_sdpa(query, key, value)
         else:
             text_query, text_key, text_value = _normed_heads(
                 encoder_hidden_states, attn.heads, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
@@ -131,7 +147,8 @@ class FusedJointAttnProcessor(_FusedMMDiTProcessor):
             query = torch.cat([query, text_query], dim=2)
             key = torch.cat([key, text_key], dim=2)
             value = torch.cat([value, text_value], dim=2)
-            hidden_states = self.joint_attention(query, key, value, encoder_hidden_states.shape[1], False, fmn_context)
+            hidden_states = self.joint_attention(query, key, value, encoder_hidden_states.shape[1], False, fmn_context,
+                                                 _sd3_sdpa)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, query.shape[1] * query.shape[3])
         hidden_states = hidden_states.to(query.dtype)
@@ -154,6 +171,8 @@ class FusedFluxAttnProcessor(_FusedMMDiTProcessor):
     context's, recorded from the transformer call). RoPE is applied to the joint q and k as in
     the stock processor; fused QKV projections (attn.fuse_projections()) are followed too.
     """
+    _attention_backend = None  # set by diffusers' set_attention_backend, as on FluxAttnProcessor
+    _parallel_config = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, fmn_context: MMDiTContext | None = None):
@@ -175,9 +194,7 @@ class FusedFluxAttnProcessor(_FusedMMDiTProcessor):
         else:
             text_len = (encoder_hidden_states.shape[1] if encoder_hidden_states is not None
                         else (fmn_context or self.context).text_len or self.context.text_len)
-            # [B, S, H, D] -> [B, H, S, D] as strided views: the kernel takes them without copies.
-            hidden_states = self.joint_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                                 text_len, True, fmn_context).transpose(1, 2)
+            hidden_states = self.joint_attention(query, key, value, text_len, True, fmn_context, self._stock_attention)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is None:
@@ -194,9 +211,17 @@ class FusedFluxAttnProcessor(_FusedMMDiTProcessor):
         if context.concept_weights is not None or context.zero_mask is not None:
             raise ValueError(f"layer {self.name!r}: concept scores and suppression do not support an "
                              "attention_mask in joint_attention_kwargs")
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                             attn_mask=attention_mask)
-        return out.transpose(1, 2)
+        return self._stock_attention(query, key, value, attention_mask)
+
+    def _stock_attention(self, query, key, value, attention_mask=None):
+        """FluxAttnProcessor's attention call ([B, S, H, D]), with its backend settings."""
+        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                     parallel_config=self._parallel_config)
+
+
+def _sd3_sdpa(query, key, value):
+    """JointAttnProcessor2_0's attention call ([B, H, S, D])."""
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
 
 
 def _heads_first(x, heads):

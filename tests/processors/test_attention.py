@@ -300,13 +300,14 @@ def test_half_precision(unets, dtype):
 
 
 def spy_zero_masks(monkeypatch):
+    """The zero mask each cross-attention call of a fused processor sees."""
     seen = []
 
-    def recording(q, k, v, **kwargs):
-        seen.append(None if kwargs.get("zero_mask") is None else kwargs["zero_mask"].clone())
-        return real(q, k, v, **kwargs)
-    real = fa.cross_attention
-    monkeypatch.setattr(fa, "cross_attention", recording)
+    def recording(self, *args):
+        seen.append(None if self.context.zero_mask is None else self.context.zero_mask.clone())
+        return real(self, *args)
+    real = fa.FusedCrossAttnProcessor._cross_attention
+    monkeypatch.setattr(fa.FusedCrossAttnProcessor, "_cross_attention", recording)
     return seen
 
 
