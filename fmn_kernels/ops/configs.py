@@ -37,9 +37,10 @@ def arch_class(capability: int) -> str:
 
 
 # Kernels: "fwd1" forward with all keys in one block (L <= 128); "fwd" forward looping over keys;
-# "fwd_long" forward for long keys and queries (MM-DiT); "bwd1" the fused backward (one key block:
-# delta, dQ, dK, dV in one pass); "dkdv" dK/dV per key block looping over queries; "dkdv_long" the
-# same with dQ added atomically (FlashAttention-2's 5-matmul backward); "dq" dQ over query blocks.
+# "fwd_long" the same for long keys and queries (MM-DiT); "bwd1" the fused backward (one key block:
+# delta, dQ, dK, dV in one pass); "dkdv" dK/dV of block_n keys (the M dimension of its dots) looping
+# over block_m query rows at a time, "dkdv_long" the same for long sequences; "dq" dQ of block_m query
+# rows looping over block_n keys, "dq_long" the same for long sequences.
 # Key: (kernel, precision class, BLOCK_D) -> {GPU class or "all": Tile}. None: not used (the host
 # takes the looping kernel instead).
 _T = Tile
@@ -51,8 +52,8 @@ TABLE = {
     ("fwd", "16bit", 64): {"all": _T(64, 64, 4, 2)},
     ("fwd", "16bit", 128): {"all": _T(64, 64, 8, 2), "sm86": _T(64, 32, 8, 2)},
     ("fwd", "16bit", 256): {"all": _T(64, 32, 8, 2), "sm86": _T(32, 32, 4, 1)},
-    ("fwd_long", "16bit", 64): {"all": _T(128, 64, 8, 2)},
-    ("fwd_long", "16bit", 128): {"all": _T(128, 64, 8, 2), "sm86": _T(128, 32, 8, 1)},
+    ("fwd_long", "16bit", 64): {"all": _T(128, 64, 8, 3)},
+    ("fwd_long", "16bit", 128): {"all": _T(128, 64, 8, 3), "sm86": _T(128, 32, 8, 1)},
     ("fwd_long", "16bit", 256): {"all": _T(64, 32, 8, 2), "sm86": _T(32, 32, 4, 1)},
     ("bwd1", "16bit", 64): {"all": _T(32, 0, 8, 1)},
     ("bwd1", "16bit", 128): {"all": None},
@@ -61,14 +62,17 @@ TABLE = {
     ("dkdv", "16bit", 64): {"all": _T(32, 64, 4, 2), "sm80": _T(32, 32, 4, 1), "sm86": _T(32, 32, 4, 1)},
     ("dkdv", "16bit", 128): {"all": _T(32, 64, 8, 2), "sm86": _T(32, 32, 8, 1)},
     ("dkdv", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm86": _T(16, 32, 8, 1)},
-    ("dkdv_long", "16bit", 64): {"all": _T(32, 64, 4, 2)},
-    ("dkdv_long", "16bit", 128): {"all": _T(32, 64, 8, 2), "sm86": _T(32, 32, 8, 1)},
+    ("dkdv_long", "16bit", 64): {"all": _T(64, 128, 8, 2), "sm86": _T(32, 64, 4, 2)},
+    ("dkdv_long", "16bit", 128): {"all": _T(32, 128, 8, 2), "sm86": _T(32, 32, 8, 1)},
     ("dkdv_long", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm86": _T(16, 32, 8, 1)},
     ("dq", "16bit", 64): {"all": _T(64, 64, 4, 2)},
     # sm86 (64, 32, 8, 1): 8 B spill; sm80 (64, 64, 8, 2) with the concept weights alone: 4 B spill
     ("dq", "16bit", 128): {"all": _T(64, 64, 8, 2), "sm80": _T(64, 64, 8, 1), "sm86": _T(32, 32, 8, 1)},
     # sm80 (32, 32, 8, 1) without masks: 8 B spill
     ("dq", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm80": _T(32, 16, 8, 1), "sm86": _T(32, 16, 8, 1)},
+    ("dq_long", "16bit", 64): {"all": _T(128, 64, 8, 2), "sm86": _T(64, 64, 4, 2)},
+    ("dq_long", "16bit", 128): {"all": _T(128, 32, 8, 2), "sm86": _T(32, 32, 8, 1)},
+    ("dq_long", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm80": _T(32, 16, 8, 1), "sm86": _T(32, 16, 8, 1)},
     # ---- fp32, TF32 dots ----
     # sm80: (64, 0, 4, 1) spilled 476 B at 255 registers; (32, 0, 4, 1): 182 registers, no spill
     # sm80: (32, 0, 4, 1) without masks 8 B spill at 168 registers, (16, 0, 4, 1) 4 B with the weights alone,
@@ -91,12 +95,14 @@ TABLE = {
     ("dkdv", "tf32", 128): {"all": _T(16, 16, 4, 1), "sm90": _T(16, 32, 4, 1)},
     ("dkdv", "tf32", 256): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},
     ("dkdv_long", "tf32", 64): {"all": _T(32, 32, 4, 1)},
-    # (32, 32, 8, 1) spilled 16 B on sm80; on sm86 it also needed 112 KB of shared memory
-    ("dkdv_long", "tf32", 128): {"all": _T(32, 32, 8, 1), "sm80": _T(16, 32, 8, 1), "sm86": _T(16, 32, 8, 1)},
+    ("dkdv_long", "tf32", 128): {"all": _T(16, 16, 4, 1), "sm90": _T(16, 32, 4, 1)},
     ("dkdv_long", "tf32", 256): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},
     ("dq", "tf32", 64): {"all": _T(32, 64, 4, 1)},
     ("dq", "tf32", 128): {"all": _T(32, 32, 8, 1)},
     ("dq", "tf32", 256): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},
+    ("dq_long", "tf32", 64): {"all": _T(32, 64, 4, 1)},
+    ("dq_long", "tf32", 128): {"all": _T(32, 32, 8, 1)},
+    ("dq_long", "tf32", 256): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},
     # ---- fp32, exact (IEEE) dots: FMA, register-bound ----
     ("fwd1", "ieee", 64): {"all": None},
     ("fwd1", "ieee", 128): {"all": None},
@@ -115,15 +121,17 @@ TABLE = {
     ("dkdv", "ieee", 128): {"all": _T(16, 32, 8, 1), "sm80": _T(16, 16, 8, 1), "sm86": _T(16, 16, 8, 1)},
     # sm86 (16, 16, 8, 1) with the concept weights alone: 40 B spill; larger tiles exceed 99 KB
     ("dkdv", "ieee", 256): {"all": _T(16, 16, 8, 1), "sm86": _T(16, 16, 4, 1)},
-    # exact fp32 is FMA-bound anyway: the long path's third dot spills (255 regs), so dQ has its own pass
-    ("dkdv_long", "ieee", 64): {"all": None},
-    ("dkdv_long", "ieee", 128): {"all": None},
-    ("dkdv_long", "ieee", 256): {"all": None},
+    ("dkdv_long", "ieee", 64): {"all": _T(16, 32, 4, 1)},
+    ("dkdv_long", "ieee", 128): {"all": _T(16, 32, 8, 1), "sm80": _T(16, 16, 8, 1), "sm86": _T(16, 16, 8, 1)},
+    ("dkdv_long", "ieee", 256): {"all": _T(16, 16, 8, 1), "sm86": _T(16, 16, 4, 1)},
     ("dq", "ieee", 64): {"all": _T(32, 32, 4, 1), "sm80": _T(16, 32, 4, 1)},  # sm80: 4 B spill (weights alone)
     ("dq", "ieee", 128): {"all": _T(16, 32, 8, 1)},
     ("dq", "ieee", 256): {"all": _T(16, 16, 8, 1)},
+    ("dq_long", "ieee", 64): {"all": _T(32, 32, 4, 1), "sm80": _T(16, 32, 4, 1)},
+    ("dq_long", "ieee", 128): {"all": _T(16, 32, 8, 1)},
+    ("dq_long", "ieee", 256): {"all": _T(16, 16, 8, 1)},
 }
-KERNELS = ("fwd1", "fwd", "fwd_long", "bwd1", "dkdv", "dkdv_long", "dq")
+KERNELS = ("fwd1", "fwd", "fwd_long", "bwd1", "dkdv", "dkdv_long", "dq", "dq_long")
 PRECISIONS = ("16bit", "tf32", "ieee")
 
 
