@@ -46,7 +46,7 @@ def arch_class(capability: int) -> str:
 _T = Tile
 TABLE = {
     # ---- fp16 / bf16 ----
-    ("fwd1", "16bit", 64): {"all": _T(64, 0, 4, 1)},
+    ("fwd1", "16bit", 64): {"all": _T(64, 0, 4, 1), "sm80": _T(64, 0, 8, 1)},  # sm80 4 warps: 32 B spill
     ("fwd1", "16bit", 128): {"all": _T(64, 0, 8, 1), "sm86": _T(32, 0, 4, 1)},
     ("fwd1", "16bit", 256): {"all": None},
     ("fwd", "16bit", 64): {"all": _T(64, 64, 4, 2)},
@@ -63,7 +63,8 @@ TABLE = {
     ("dkdv", "16bit", 128): {"all": _T(32, 64, 8, 2), "sm86": _T(32, 32, 8, 1)},
     ("dkdv", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm86": _T(16, 32, 8, 1)},
     ("dkdv_long", "16bit", 64): {"all": _T(64, 128, 8, 2), "sm86": _T(32, 64, 4, 2)},
-    ("dkdv_long", "16bit", 128): {"all": _T(32, 128, 8, 2), "sm86": _T(32, 32, 8, 1)},
+    # sm80 (32, 128, 8, 2): 16 B spill; (32, 128, 8, 1): 5.7 KB
+    ("dkdv_long", "16bit", 128): {"all": _T(32, 128, 8, 2), "sm80": _T(16, 128, 8, 2), "sm86": _T(32, 32, 8, 1)},
     ("dkdv_long", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm86": _T(16, 32, 8, 1)},
     ("dq", "16bit", 64): {"all": _T(64, 64, 4, 2)},
     # sm86 (64, 32, 8, 1): 8 B spill; sm80 (64, 64, 8, 2) with the concept weights alone: 4 B spill
@@ -77,7 +78,8 @@ TABLE = {
     # sm80: (64, 0, 4, 1) spilled 476 B at 255 registers; (32, 0, 4, 1): 182 registers, no spill
     # sm80: (32, 0, 4, 1) without masks 8 B spill at 168 registers, (16, 0, 4, 1) 4 B with the weights alone,
     # (32, 0, 8, 1) 8 B: the looping kernel's (64, 64, 4, 2) does not spill
-    ("fwd1", "tf32", 64): {"all": _T(64, 0, 4, 1), "sm80": None, "sm86": _T(32, 0, 4, 1)},
+    # sm90 (64, 0, 4, 1): 64 B spill, (64, 0, 8, 1): 40 B
+    ("fwd1", "tf32", 64): {"all": _T(32, 0, 4, 1), "sm80": None},
     ("fwd1", "tf32", 128): {"all": _T(32, 0, 8, 1), "sm80": None, "sm86": None},
     ("fwd1", "tf32", 256): {"all": None},
     ("fwd", "tf32", 64): {"all": _T(64, 64, 4, 2), "sm86": _T(32, 32, 4, 1)},  # sm86 (64, 32, 4, 1): 16 B spill
@@ -128,7 +130,7 @@ TABLE = {
     ("dq", "ieee", 128): {"all": _T(16, 32, 8, 1)},
     ("dq", "ieee", 256): {"all": _T(16, 16, 8, 1)},
     ("dq_long", "ieee", 64): {"all": _T(32, 32, 4, 1), "sm80": _T(16, 32, 4, 1)},
-    ("dq_long", "ieee", 128): {"all": _T(16, 32, 8, 1)},
+    ("dq_long", "ieee", 128): {"all": _T(16, 32, 8, 1), "sm80": _T(16, 16, 8, 1)},  # sm80: 8 B spill
     ("dq_long", "ieee", 256): {"all": _T(16, 16, 8, 1)},
 }
 KERNELS = ("fwd1", "fwd", "fwd_long", "bwd1", "dkdv", "dkdv_long", "dq", "dq_long")

@@ -300,7 +300,7 @@ class BackwardPlan:
             self.delta = Launcher(
                 "delta", plan, _bwd_delta_kernel, dict(HAS_DO=has_do, HAS_G=has_g),
                 lambda t: (B * H, triton.cdiv(N, delta_m)),
-                lambda t: dict(HEAD_DIM=D, VEC=vec, BLOCK_M=delta_m, BLOCK_D=plan.block_d),
+                lambda t: dict(HEAD_DIM=D, VEC=vec, BLOCK_M=delta_m, BLOCK_D=plan.block_d, num_warps=4, num_stages=1),
                 [configs.Tile(delta_m, 0, 4, 1)])
             self.delta_scalars = (*out.stride()[:3], *do.stride()[:3], H, N)
             dq_name = "dq_long" if plan.long else "dq"
@@ -365,14 +365,16 @@ class ConceptAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, w, zero, valid, scale, split, long_threshold):
         out, score, lse = forward(q, k, v, w, zero, valid, scale, long_threshold)
-        ctx.save_for_backward(q, k, v, out, score, lse, w, zero, valid)
+        ctx.save_for_backward(q, k, v, out, score)  # outputs must be saved so; the rest kept plainly
+        ctx.lse, ctx.masks = lse, (w, zero, valid)
         ctx.scale, ctx.split, ctx.long_threshold = scale, split, long_threshold
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no dO of zeros
         return out, score
 
     @staticmethod
     def backward(ctx, dout, dscore):
-        q, k, v, out, score, lse, w, zero, valid = ctx.saved_tensors
+        q, k, v, out, score = ctx.saved_tensors
+        lse, (w, zero, valid) = ctx.lse, ctx.masks
         if w is None:
             dscore = None
         if dscore is None and dout is None:

@@ -36,8 +36,10 @@ EVEN_N / EVEN_L: the host found N (resp. L) a multiple of the block, so no tile 
 mask. The head dim is a compile-time constant (HEAD_DIM, padded to the power of two BLOCK_D; the d
 mask folds away when they are equal). VEC is the number of elements that the host checked every
 base pointer and stride to be a multiple of (16 bytes, else 1), given to the compiler as a hint.
-Pointers advance by BLOCK * stride each iteration. Bool masks and concept weights of any float
-dtype are read as they are (no conversion kernels).
+Loop bodies add start * stride (hinted a multiple of VEC) to loop-invariant tile pointers: measured
+with ptxas, loop-carried pointer tiles spilled (fwd1 bf16 D=40: 189 -> 255 registers) and a
+loop-carried scalar base lost the vector loads. Bool masks and concept weights of any float dtype
+are read as they are (no conversion kernels).
 """
 import triton
 import triton.language as tl
@@ -152,8 +154,9 @@ def _fwd_kernel(
     for start_n in range(0, L, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < L
-        k = _load_tile(k_ptrs, col_ok, d_ok, EVEN_L, EVEN_D)
-        v = _load_tile(v_ptrs, col_ok, d_ok, EVEN_L, EVEN_D)
+        start = tl.cast(start_n, tl.int64)
+        k = _load_tile(k_ptrs + tl.multiple_of(start * stride_kn, VEC), col_ok, d_ok, EVEN_L, EVEN_D)
+        v = _load_tile(v_ptrs + tl.multiple_of(start * stride_vn, VEC), col_ok, d_ok, EVEN_L, EVEN_D)
         w, keep, valid = _load_key_vectors(W, ZERO, VALID, cols, col_ok, HAS_W, HAS_ZERO, HAS_VALID, EVEN_L)
 
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
@@ -181,8 +184,6 @@ def _fwd_kernel(
             if HAS_W:
                 r_i = r_i * (alpha * alpha) + tl.sum(p * p * w[None, :], 1)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
 
     has_mass = l_i > 0
     l_safe = tl.where(has_mass, l_i, 1.0)
@@ -284,7 +285,11 @@ def _bwd_dq_kernel(
     for start_n in range(0, L, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < L
-        k = _load_tile(k_ptrs, col_ok, d_ok, EVEN_L, EVEN_D)
+        start = tl.cast(start_n, tl.int64)
+        k = _load_tile(k_ptrs + tl.multiple_of(start * stride_kn, VEC), col_ok, d_ok, EVEN_L, EVEN_D)
+        v = k
+        if HAS_DO:
+            v = _load_tile(v_ptrs + tl.multiple_of(start * stride_vn, VEC), col_ok, d_ok, EVEN_L, EVEN_D)
         w, keep, valid = _load_key_vectors(W, ZERO, VALID, cols, col_ok, HAS_W, HAS_ZERO, HAS_VALID, EVEN_L)
         p = tl.exp2(_dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale - lse[:, None])
         if HAS_VALID:
@@ -293,7 +298,6 @@ def _bwd_dq_kernel(
             p = tl.where(col_ok[None, :], p, 0.0)
         dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_DO:
-            v = _load_tile(v_ptrs, col_ok, d_ok, EVEN_L, EVEN_D)
             dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
             if HAS_ZERO:
                 dp = dp * keep[None, :]
@@ -301,8 +305,6 @@ def _bwd_dq_kernel(
             dp += (2.0 * g)[:, None] * w[None, :] * p
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
     _store_tile(_tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, stride_dqn, rows, offs_d, VEC), dq * scale, row_ok, d_ok,
                 EVEN_N, EVEN_D)
 
@@ -356,18 +358,18 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     row_start = pid_split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, N)
-    rows = row_start + offs_m
-    q_ptrs = _tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, rows, offs_d, VEC)
-    do_ptrs = _tile_ptrs(DO, b, h, stride_dob, stride_doh, stride_don, rows, offs_d, VEC)
-    o_ptrs = _tile_ptrs(O, b, h, stride_ob, stride_oh, stride_on, rows, offs_d, VEC)
-    dq_ptrs = _tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, stride_dqn, rows, offs_d, VEC)
+    q_ptrs = _tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, offs_m, offs_d, VEC)
+    do_ptrs = _tile_ptrs(DO, b, h, stride_dob, stride_doh, stride_don, offs_m, offs_d, VEC)
+    o_ptrs = _tile_ptrs(O, b, h, stride_ob, stride_oh, stride_on, offs_m, offs_d, VEC)
+    dq_ptrs = _tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, stride_dqn, offs_m, offs_d, VEC)
     for start_m in range(row_start, row_end, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < row_end
-        q = _load_tile(q_ptrs, row_ok, d_ok, EVEN_N, EVEN_D)
+        start = tl.cast(start_m, tl.int64)
+        q = _load_tile(q_ptrs + tl.multiple_of(start * stride_qn, VEC), row_ok, d_ok, EVEN_N, EVEN_D)
         do = q
         if HAS_DO:
-            do = _load_tile(do_ptrs, row_ok, d_ok, EVEN_N, EVEN_D)
+            do = _load_tile(do_ptrs + tl.multiple_of(start * stride_don, VEC), row_ok, d_ok, EVEN_N, EVEN_D)
         lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
         g = tl.zeros([BLOCK_M], dtype=tl.float32)
         if HAS_G:
@@ -375,7 +377,7 @@ def _bwd_dkdv_kernel(
         if FUSED_DQ:
             o = q
             if HAS_DO:
-                o = _load_tile(o_ptrs, row_ok, d_ok, EVEN_N, EVEN_D)
+                o = _load_tile(o_ptrs + tl.multiple_of(start * stride_on, VEC), row_ok, d_ok, EVEN_N, EVEN_D)
             delta = _row_delta(o, do, SCORE, g, row_base, rows, row_ok, HAS_DO, HAS_G)
         else:
             delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
@@ -398,11 +400,7 @@ def _bwd_dkdv_kernel(
         dk += _dot(dst.to(q.dtype), q, UPCAST, PRECISION)
         if FUSED_DQ:
             dq = _dot(tl.trans(dst).to(k.dtype), k, UPCAST, PRECISION) * scale
-            _store_tile(dq_ptrs, dq, row_ok, d_ok, EVEN_N, EVEN_D)
-        q_ptrs += BLOCK_M * stride_qn
-        do_ptrs += BLOCK_M * stride_don
-        o_ptrs += BLOCK_M * stride_on
-        dq_ptrs += BLOCK_M * stride_dqn
+            _store_tile(dq_ptrs + tl.multiple_of(start * stride_dqn, VEC), dq, row_ok, d_ok, EVEN_N, EVEN_D)
 
     split64 = pid_split.to(tl.int64)
     dk_ptrs = _tile_ptrs(DK + split64 * stride_dks, b, h, stride_dkb, stride_dkh, stride_dkn, cols, offs_d, VEC)
