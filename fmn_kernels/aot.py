@@ -312,19 +312,23 @@ def table_kernel(row):
 
 
 def matches_table(row):
-    """Whether the tile table as it stands now picks this row's tile (first choice), so that a
-    result file cannot silently describe tiles the code no longer launches."""
+    """Whether the tile table (or a measured winner) as it stands now picks this row's tile (first
+    choice), so that a result file cannot silently describe tiles the code no longer launches."""
     from .ops import configs
 
     kind = table_kernel(row)
     if kind is None:
         return True
-    tile = configs.table_tile(kind[0], kind[1], row["BLOCK_D"], configs.arch_class(row["arch"]))
-    if tile is None:
-        return False
-    block_n_ok = tile.block_n == 0 or tile.block_n == row["BLOCK_N"]
-    return (tile.block_m, tile.num_warps, tile.num_stages) == (row["BLOCK_M"], row["num_warps"],
-                                                                row["num_stages"]) and block_n_ok
+    arch = configs.arch_class(row["arch"])
+    for tuned in (False, True):  # the table's tile, or a measured winner (configs.TUNED)
+        tile = configs.table_tile(kind[0], kind[1], row["BLOCK_D"], arch, tuned=tuned)
+        if tile is None:
+            continue
+        block_n_ok = tile.block_n == 0 or tile.block_n == row["BLOCK_N"]
+        if (tile.block_m, tile.num_warps, tile.num_stages) == (row["BLOCK_M"], row["num_warps"],
+                                                                row["num_stages"]) and block_n_ok:
+            return True
+    return False
 
 
 def merge(parts, subset):

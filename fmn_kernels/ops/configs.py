@@ -8,12 +8,21 @@ overflow was measured carry a comment. `tiles()` returns the table's choice foll
 ones; the host launches the first that loads within the GPU's limits (`cross_attention._launch`),
 so a GPU or Triton version the table did not foresee gets a smaller tile, never OutOfResources.
 
+Measured winners: `python -m fmn_kernels.tune` times candidate tiles on the present GPU and writes
+bench/results/tune_<gpu>.json; at import the winners of every such file (not dry runs) replace the
+table's choice for their GPU class (`TUNED`). FMN_TUNE_FILES=none ignores them; a path list (os.pathsep)
+reads those files instead. The ahead-of-time gate (fmn_kernels.aot) accepts the table's tile or the
+tuned one; the tune run itself only keeps tiles that compiled there with 0 spills within shared memory.
+
 Precision classes: "16bit" (fp16/bf16 tensor-core dots), "tf32" (fp32 inputs, TF32 dots, taken when
 torch.backends.cuda.matmul.allow_tf32 is set), "ieee" (fp32 inputs, exact fp32 FMA dots: no tensor
 cores, so smaller tiles).
 GPU classes by shared memory per block: "sm90" (227 KB: H100/H200, also used for sm_100), "sm80"
 (163 KB: A100, Orin), "sm86" (99 KB: RTX 30xx/40xx, L4, L40, and anything unknown).
 """
+import json
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 SMEM_LIMIT = {"sm90": 232448, "sm80": 166912, "sm86": 101376}
@@ -137,10 +146,44 @@ KERNELS = ("fwd1", "fwd", "fwd_long", "bwd1", "dkdv", "dkdv_long", "dq", "dq_lon
 PRECISIONS = ("16bit", "tf32", "ieee")
 
 
-def table_tile(kernel: str, precision: str, block_d: int, arch: str):
-    """The table's tile, or None where the kernel is not used for this key. block_d < 64 uses 64's."""
-    entry = TABLE[(kernel, precision, max(64, block_d))]
+TUNED = {}  # (kernel, precision, BLOCK_D, GPU class) -> Tile measured fastest (tune_*.json)
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+
+
+def table_tile(kernel: str, precision: str, block_d: int, arch: str, tuned: bool = True):
+    """The tile for this key (a measured winner first unless tuned=False), or None where the kernel
+    is not used for it. block_d < 64 uses 64's."""
+    block_d = max(64, block_d)
+    if tuned and (kernel, precision, block_d, arch) in TUNED:
+        return TUNED[(kernel, precision, block_d, arch)]
+    entry = TABLE[(kernel, precision, block_d)]
     return entry.get(arch, entry["all"])
+
+
+def tune_files():
+    """The tune results read at import: FMN_TUNE_FILES (paths, or "none"), else bench/results/tune_*.json."""
+    setting = os.environ.get("FMN_TUNE_FILES")
+    if setting is not None:
+        return [] if setting.strip().lower() in ("", "none") else [Path(p) for p in setting.split(os.pathsep)]
+    return sorted(RESULTS.glob("tune_*.json"))
+
+
+def load_tuned(paths):
+    """Measured winners of these tune files (later files override earlier), as TUNED's items; dry
+    runs (the interpreter's timings) and unreadable files are skipped."""
+    tuned = {}
+    for path in paths:
+        try:
+            payload = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        if payload.get("dry_run"):
+            continue
+        for row in payload.get("winners", []):
+            key = (row["kernel"], row["precision"], max(64, int(row["block_d"])), row["arch"])
+            if key[:3] in TABLE:  # a kernel this version still has
+                tuned[key] = Tile(*row["tile"])
+    return tuned
 
 
 def smaller_tiles(tile: Tile, min_block_n: int = 16):
@@ -163,3 +206,6 @@ def tiles(kernel: str, precision: str, block_d: int, arch: str):
     """[table choice, fallbacks...]; [] where the table does not use this kernel."""
     tile = table_tile(kernel, precision, block_d, arch)
     return [] if tile is None else [tile] + smaller_tiles(tile)
+
+
+TUNED.update(load_tuned(tune_files()))

@@ -131,7 +131,7 @@ class Launcher:
         self.name, self.plan, self.kernel, self.flags = name, plan, kernel, flags
         self.grid_of, self.consts_of = grid_of, consts_of
         self.candidates = plan.tiles(name) if candidates is None else candidates
-        self.fn = self.consts = self.tile = None
+        self.fn = self.consts = self.tile = self.compiled = None
 
     def __bool__(self):
         return bool(self.candidates)
@@ -142,7 +142,7 @@ class Launcher:
 
         def launch_one(tile):
             fn, consts = self.kernel[self.grid_of(tile)], dict(self.consts_of(tile), **self.flags)
-            fn(*args, **consts)
+            self.compiled = fn(*args, **consts)  # Triton's compiled kernel (None under the interpreter)
             self.fn, self.consts, self.tile = fn, consts, tile
         if _launch(self.name, self.plan, self.flags, self.candidates, launch_one) is None:
             raise RuntimeError(f"no tile of the {self.name} kernel fits this GPU ({self.plan.arch}, D={self.plan.D})")
@@ -355,6 +355,21 @@ def backward(q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale, spli
         plan = _BWD_PLANS[key] = BackwardPlan(q, k, v, out, w, zero, valid, dout, has_g, split_request,
                                               long_threshold)
     return plan.run(q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale)
+
+
+def clear_plans():
+    """Forgets every cached plan and working tile (the tune tool changes tiles between calls)."""
+    for cache in (_FWD_PLANS, _BWD_PLANS, _WORKING_TILE):
+        cache.clear()
+
+
+def planned_launchers():
+    """Every Launcher of the cached plans (the tune tool reads the tile and compiled kernel used)."""
+    for plan in list(_FWD_PLANS.values()) + list(_BWD_PLANS.values()):
+        for name in ("launch", "dkdv", "dq", "delta", "sum_splits"):
+            launcher = getattr(plan, name, None)
+            if launcher is not None:
+                yield launcher
 
 
 # ---- eager autograd ----
