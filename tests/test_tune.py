@@ -66,3 +66,13 @@ def test_committed_tune_results_pass_the_gate():
             assert row.get("spills", 0) == 0 and "error" not in row, (path.name, result["kernel"])
             if "shared" in row:
                 assert row["shared"] <= configs.SMEM_LIMIT[payload["arch"]]
+
+
+def test_warmup_counts_variants(capsys):
+    if not triton_interpreting():
+        pytest.skip("smoke run for the interpreter")
+    from fmn_kernels import warmup
+
+    assert warmup.main(["--family", "sd2", "--max-n", "40"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "kernel variants for sd2" in line and "_fwd_kernel 1" in line and "_bwd_dkdv_kernel 2" in line
