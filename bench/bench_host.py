@@ -12,7 +12,8 @@ concept weights on):
 Calls timed: forward without grad (inference), forward with grad (the autograd Function), the
 custom op used under torch.compile (for comparison), backward through autograd (torch.autograd.grad
 of out and score), and the op's backward function alone.
-Median of repeated loops; writes bench/results/host_<device>.json and .png (or --out).
+Host times: the fastest of repeated loops; GPU times: the median.
+Writes bench/results/host_<device>.json and .png (or --out).
 
     python bench/bench_host.py [--device cuda] [--dtype float16] [--iters 2000] [--out DIR/host.json]
 """
@@ -85,7 +86,8 @@ def calls(q, k, v, w):
 
 
 def time_cpu_us(fn, iters, repeats):
-    """Median over `repeats` loops of the mean host time per call, in microseconds."""
+    """Fastest of `repeats` loops, mean host time per call in microseconds (the minimum: on a
+    shared machine other processes only ever add time)."""
     for _ in range(20):
         fn()
     loops = []
@@ -94,7 +96,7 @@ def time_cpu_us(fn, iters, repeats):
         for _ in range(iters):
             fn()
         loops.append((time.perf_counter() - start) / iters * 1e6)
-    return statistics.median(loops)
+    return min(loops)
 
 
 def time_gpu_us(fn, iters, repeats):
@@ -169,7 +171,8 @@ def main():
                    shape=dict(zip(("name", "B", "H", "N", "L", "D"), SHAPE)), concept_weights=True,
                    mode="Triton launch replaced by a no-op (plan of sm90, 132 SMs)" if device.type == "cpu"
                    else "real launches; host_us = CPU time per call without sync, gpu_us = CUDA events",
-                   iters=iters, repeats=args.repeats, torch_threads=torch.get_num_threads(), rows=rows)
+                   iters=iters, repeats=args.repeats, torch_threads=torch.get_num_threads(),
+                   load_average_1_5_15=list(os.getloadavg()), rows=rows)
     write_json_atomic(out, payload)
     try:
         plot(rows, out.with_suffix(".png"), f"{device_tag(device)}, {dtype}, {SHAPE[0]}")
