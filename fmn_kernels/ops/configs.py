@@ -55,8 +55,9 @@ def arch_class(capability: int) -> str:
 _T = Tile
 TABLE = {
     # ---- fp16 / bf16 ----
-    ("fwd1", "16bit", 64): {"all": _T(64, 0, 4, 1), "sm80": _T(64, 0, 8, 1)},  # sm80 4 warps: 32 B spill
-    ("fwd1", "16bit", 128): {"all": _T(64, 0, 8, 1), "sm86": _T(32, 0, 4, 1)},
+    # sm80 (64, 0, 4, 1): 32 B spill, (64, 0, 8, 1): 64 B (fp16, all masks)
+    ("fwd1", "16bit", 64): {"all": _T(64, 0, 4, 1), "sm80": _T(32, 0, 4, 1)},
+    ("fwd1", "16bit", 128): {"all": _T(32, 0, 4, 1)},  # sm90 (64, 0, 8, 1): 92 B spill (fp16, D=80, all masks)
     ("fwd1", "16bit", 256): {"all": None},
     ("fwd", "16bit", 64): {"all": _T(64, 64, 4, 2)},
     ("fwd", "16bit", 128): {"all": _T(64, 64, 8, 2), "sm86": _T(64, 32, 8, 2)},
@@ -79,10 +80,11 @@ TABLE = {
     # sm86 (64, 32, 8, 1): 8 B spill; sm80 (64, 64, 8, 2) with the concept weights alone: 4 B spill
     ("dq", "16bit", 128): {"all": _T(64, 64, 8, 2), "sm80": _T(64, 64, 8, 1), "sm86": _T(32, 32, 8, 1)},
     # sm80 (32, 32, 8, 1) without masks: 8 B spill
-    ("dq", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm80": _T(32, 16, 8, 1), "sm86": _T(32, 16, 8, 1)},
+    # sm80/sm86 (32, 16, 8, 1): 8 B spill, (16, 16, 8, 1): 12 B
+    ("dq", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm80": _T(16, 16, 4, 1), "sm86": _T(16, 16, 4, 1)},
     ("dq_long", "16bit", 64): {"all": _T(128, 64, 8, 2), "sm86": _T(64, 64, 4, 2)},
     ("dq_long", "16bit", 128): {"all": _T(128, 32, 8, 2), "sm86": _T(32, 32, 8, 1)},
-    ("dq_long", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm80": _T(32, 16, 8, 1), "sm86": _T(32, 16, 8, 1)},
+    ("dq_long", "16bit", 256): {"all": _T(32, 32, 8, 1), "sm80": _T(16, 16, 4, 1), "sm86": _T(16, 16, 4, 1)},
     # ---- fp32, TF32 dots ----
     # sm80: (64, 0, 4, 1) spilled 476 B at 255 registers; (32, 0, 4, 1): 182 registers, no spill
     # sm80: (32, 0, 4, 1) without masks 8 B spill at 168 registers, (16, 0, 4, 1) 4 B with the weights alone,
@@ -109,10 +111,10 @@ TABLE = {
     ("dkdv_long", "tf32", 128): {"all": _T(16, 16, 4, 1), "sm90": _T(16, 32, 4, 1)},
     ("dkdv_long", "tf32", 256): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},
     ("dq", "tf32", 64): {"all": _T(32, 64, 4, 1)},
-    ("dq", "tf32", 128): {"all": _T(32, 32, 8, 1)},
+    ("dq", "tf32", 128): {"all": _T(32, 32, 8, 1), "sm80": _T(16, 32, 8, 1)},  # sm80: 8 B spill
     ("dq", "tf32", 256): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},
     ("dq_long", "tf32", 64): {"all": _T(32, 64, 4, 1)},
-    ("dq_long", "tf32", 128): {"all": _T(32, 32, 8, 1)},
+    ("dq_long", "tf32", 128): {"all": _T(32, 32, 8, 1), "sm80": _T(16, 32, 8, 1)},
     ("dq_long", "tf32", 256): {"all": _T(16, 32, 8, 1), "sm86": _T(16, 16, 8, 1)},
     # ---- fp32, exact (IEEE) dots: FMA, register-bound ----
     ("fwd1", "ieee", 64): {"all": None},

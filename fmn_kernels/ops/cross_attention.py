@@ -288,7 +288,7 @@ class BackwardPlan:
         self.split, self.rows_per_split, self.dkdv_scalars = info
         self.ws_shape = (self.split, B, H, L, D)
         if self.split > 1:
-            block_n = 32 if plan.block_d <= 128 else 16
+            block_n = 32 if plan.block_d <= 64 else 16 if plan.block_d <= 128 else 8  # sm80 D=128 at 32: spilled
             self.sum_splits = Launcher(
                 "sum", plan, _sum_splits_kernel, dict(HAS_DO=has_do), lambda t: (B * H, triton.cdiv(L, block_n)),
                 lambda t: dict(HEAD_DIM=D, BLOCK_N=block_n, BLOCK_D=plan.block_d, num_warps=4, num_stages=1),

@@ -427,14 +427,17 @@ def _sum_splits_kernel(
     col_ok = cols < L
     d_ok = offs_d < HEAD_DIM
     mask = col_ok[:, None] & d_ok[None, :]
-    offs = pid_bh.to(tl.int64) * L * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
+    offs = cols[:, None] * HEAD_DIM + offs_d[None, :]
+    wk = WK + pid_bh.to(tl.int64) * L * HEAD_DIM  # scalar bases, advanced by one split per step
+    wv = WV + pid_bh.to(tl.int64) * L * HEAD_DIM
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for _split in range(0, splits):
-        dk += tl.load(WK + offs, mask=mask, other=0.0)
+        dk += tl.load(wk + offs, mask=mask, other=0.0)
         if HAS_DO:
-            dv += tl.load(WV + offs, mask=mask, other=0.0)
-        offs += split_stride
+            dv += tl.load(wv + offs, mask=mask, other=0.0)
+        wk += split_stride
+        wv += split_stride
     _store_tile(_tile_ptrs(DK, b, h, stride_dkb, stride_dkh, stride_dkn, cols, offs_d, 1), dk, col_ok, d_ok,
                 False, False)
     if HAS_DO:
