@@ -316,6 +316,10 @@ def matches_table(row):
     choice), so that a result file cannot silently describe tiles the code no longer launches."""
     from .ops import configs
 
+    if row["kernel"] == "_sum_splits_kernel":
+        from .ops.cross_attention import sum_block_n
+
+        return row["BLOCK_N"] == sum_block_n(row["BLOCK_D"])
     kind = table_kernel(row)
     if kind is None:
         return True

@@ -232,6 +232,11 @@ def dkdv_split(plan, block_m, block_n, requested):
     return triton.cdiv(n_row_blocks, blocks_per_split), blocks_per_split * block_m
 
 
+def sum_block_n(block_d):
+    """Keys per program of the split sum (sm80 at D=128 spilled with 32)."""
+    return 32 if block_d <= 64 else 16 if block_d <= 128 else 8
+
+
 class BackwardPlan:
     """Backward launches of one call key: delta, dK/dV (+ split sum), dQ; or the fused bwd1."""
 
@@ -288,7 +293,7 @@ class BackwardPlan:
         self.split, self.rows_per_split, self.dkdv_scalars = info
         self.ws_shape = (self.split, B, H, L, D)
         if self.split > 1:
-            block_n = 32 if plan.block_d <= 64 else 16 if plan.block_d <= 128 else 8  # sm80 D=128 at 32: spilled
+            block_n = sum_block_n(plan.block_d)
             self.sum_splits = Launcher(
                 "sum", plan, _sum_splits_kernel, dict(HAS_DO=has_do), lambda t: (B * H, triton.cdiv(L, block_n)),
                 lambda t: dict(HEAD_DIM=D, BLOCK_N=block_n, BLOCK_D=plan.block_d, num_warps=4, num_stages=1),
