@@ -12,7 +12,7 @@ import torch
 from fmn_kernels.ops import cross_attention as ops
 
 from attention_checks import make_inputs, make_masks
-from test_cross_attention import check_against_oracle, run, triton_fn
+from test_cross_attention import DEVICE, check_against_oracle, run, triton_fn
 
 ALL_MASKS = ("concept_weights", "zero_mask", "key_mask")
 
@@ -80,8 +80,8 @@ def test_backward_is_bitwise_repeatable(threshold, L, split):
 
 
 def test_plans_are_cached_and_eager_calls_skip_the_custom_op():
-    q, k, v = (t.requires_grad_() for t in make_inputs(1, 2, 24, 77, 64, torch.float32, seed=25))
-    weights = make_masks(1, 77, seed=25)[0]
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in make_inputs(1, 2, 24, 77, 64, torch.float32, seed=25))
+    weights = make_masks(1, 77, seed=25)[0].to(DEVICE)
     ops.clear_plans()
     out, score = ops.concept_attention_triton(q, k, v, 0.125, concept_weights=weights)
     assert type(out.grad_fn).__name__ == "ConceptAttentionBackward"  # the autograd.Function, eager
