@@ -186,7 +186,7 @@ def _compile_cases(recorder, shapes, dtypes, mask_sets, grad_modes, checkpoint, 
                 for grads in grad_modes:
                     if grads == "score" and masks != "weights":  # the attention loss: weights alone
                         continue
-                    for det in (False, True):
+                    for det in (False,):  # the backward has no atomics: deterministic either way
                         recorder.context = dict(case=name, dtype=dtype_name, masks=masks, grads=grads,
                                                 deterministic=det)
                         error = _compile_case(inputs, D ** -0.5, grads, det)
@@ -305,26 +305,34 @@ def table_kernel(row):
     if row["kernel"] == "_fwd_kernel":
         return ("fwd1" if row["ONE_KEY_BLOCK"] else "fwd_long" if long else "fwd"), precision
     if row["kernel"] == "_bwd_dkdv_kernel":
-        return ("bwd1" if row["FUSED_DQ"] else "dkdv_long" if row["ATOMIC_DQ"] else "dkdv"), precision
+        return ("bwd1" if row["FUSED_DQ"] else "dkdv_long" if long else "dkdv"), precision
     if row["kernel"] == "_bwd_dq_kernel":
-        return "dq", precision
-    return None
+        return ("dq_long" if long else "dq"), precision
+    return None  # the delta and split-sum kernels: fixed small tiles
 
 
 def matches_table(row):
-    """Whether the tile table as it stands now picks this row's tile (first choice), so that a
-    result file cannot silently describe tiles the code no longer launches."""
+    """Whether the tile table (or a measured winner) as it stands now picks this row's tile (first
+    choice), so that a result file cannot silently describe tiles the code no longer launches."""
     from .ops import configs
 
+    if row["kernel"] == "_sum_splits_kernel":
+        from .ops.cross_attention import sum_block_n
+
+        return row["BLOCK_N"] == sum_block_n(row["BLOCK_D"])
     kind = table_kernel(row)
     if kind is None:
         return True
-    tile = configs.table_tile(kind[0], kind[1], row["BLOCK_D"], configs.arch_class(row["arch"]))
-    if tile is None:
-        return False
-    block_n_ok = tile.block_n == 0 or tile.block_n == row["BLOCK_N"]
-    return (tile.block_m, tile.num_warps, tile.num_stages) == (row["BLOCK_M"], row["num_warps"],
-                                                                row["num_stages"]) and block_n_ok
+    arch = configs.arch_class(row["arch"])
+    for tuned in (False, True):  # the table's tile, or a measured winner (configs.TUNED)
+        tile = configs.table_tile(kind[0], kind[1], row["BLOCK_D"], arch, tuned=tuned)
+        if tile is None:
+            continue
+        block_n_ok = tile.block_n == 0 or tile.block_n == row["BLOCK_N"]
+        if (tile.block_m, tile.num_warps, tile.num_stages) == (row["BLOCK_M"], row["num_warps"],
+                                                                row["num_stages"]) and block_n_ok:
+            return True
+    return False
 
 
 def merge(parts, subset):

@@ -1,22 +1,28 @@
-"""Host side of the Triton concept attention: tile choice, launches, the torch.library custom ops.
+"""Host side of the Triton concept attention: plans, launches, autograd, the torch.library custom ops.
 
-The kernels and their math are in kernels.py, the tile table in configs.py. Each launch takes the
-table's tile for (kernel, precision, padded head dim, GPU class) and, should that tile not compile
-within the GPU's limits (Triton raises OutOfResources when it loads the kernel), the next smaller
-one; the tile that worked is remembered per key, so a user never meets OutOfResources.
+The kernels and their math are in kernels.py, the tile table in configs.py.
+
+Host path: everything a call needs that depends only on (shapes, strides, dtypes, device, flags) --
+tiles, grids, constexprs, vector width, stride arguments, the bound launch callables -- is built
+once into a plan (`ForwardPlan`, `BackwardPlan`) and cached under that key; device properties are
+cached per device. A call then allocates its outputs and launches. Eager calls go through a plain
+torch.autograd.Function (`ConceptAttention`); under torch.compile the torch.library custom ops
+(fmn_kernels::concept_attention_fwd / _bwd, with fake implementations) are traced instead, so
+fullgraph=True works.
+
+Tiles: a plan takes the table's tile for (kernel, precision, padded head dim, GPU class) and, should
+that tile not compile within the GPU's limits (Triton raises OutOfResources when it loads the
+kernel), the next smaller one; the tile that worked is remembered, so a user never meets
+OutOfResources.
 
 Paths, by key length L and query length N:
 - L <= 128 (SD's 77 text tokens): the forward holds all keys in one block; the backward is one
-  fused pass (delta, dQ, dK, dV) when the table allows it for the head dim and precision.
-- N, L >= long_threshold (default 1024, MM-DiT joint attention): bigger query blocks forward;
-  backward = delta + FlashAttention-2's dK/dV pass with dQ added atomically (5 matmuls), or, under
-  torch.use_deterministic_algorithms(True), a separate dQ pass (7 matmuls, bitwise repeatable).
-- otherwise: delta, dQ over query blocks, dK/dV over key blocks.
-The dK/dV pass splits the query rows over programs to fill the GPU when there are few key blocks,
-reducing with fp32 atomics, or a workspace summed in a fixed order when deterministic.
-
-Registered as torch.library custom ops (fmn_kernels::concept_attention_fwd / _bwd) with autograd
-and fake implementations, so torch.compile(fullgraph=True) traces through them without a break.
+  fused pass (delta, dQ, dK, dV: "bwd1") when the table allows it for the head dim and precision.
+- N, L >= long_threshold (default 1024, MM-DiT joint attention): the "_long" tiles (big blocks).
+- otherwise the general tiles. Backward = delta, dK/dV over key blocks, dQ over query blocks.
+The dK/dV pass splits the query rows over programs when there are too few key blocks to fill the
+GPU; the splits' fp32 partial sums are added in a fixed order by a small kernel. No atomics: the
+backward is bitwise repeatable.
 """
 import math
 from typing import Optional
@@ -27,11 +33,14 @@ from triton.runtime.errors import OutOfResources
 
 from ..utils import triton_interpreting
 from . import configs
-from .kernels import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
+from .kernels import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel, _sum_splits_kernel
 
 LOG2E = 1.4426950408889634
 LONG_THRESHOLD = 1024
 _WORKING_TILE = {}  # (kernel, precision, BLOCK_D, GPU class, flags) -> index of the tile that fit
+_DEVICE_INFO = {}   # torch.device -> (GPU class, SM count)
+_FWD_PLANS = {}
+_BWD_PLANS = {}
 
 
 def precision_class(dtype: torch.dtype) -> str:
@@ -40,32 +49,40 @@ def precision_class(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def device_info(q: torch.Tensor):
-    """(GPU class, SM count). Under the interpreter: sm80's table, one SM (no split needed).
-    With CPU tensors outside the interpreter (the ahead-of-time check): Triton's active driver."""
+def device_info(device: torch.device):
+    """(GPU class, SM count), queried once per device. Under the interpreter: sm80's table, one SM
+    (no split needed). CPU tensors outside the interpreter (the ahead-of-time check): Triton's
+    active driver."""
+    info = _DEVICE_INFO.get(device)
+    if info is None:
+        info = _DEVICE_INFO[device] = _query_device(device)
+    return info
+
+
+def _query_device(device):
     if triton_interpreting():
         return "sm80", 1
-    if q.is_cuda:
-        major, minor = torch.cuda.get_device_capability(q.device)
-        return configs.arch_class(10 * major + minor), torch.cuda.get_device_properties(q.device).multi_processor_count
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return configs.arch_class(10 * props.major + props.minor), props.multi_processor_count
     driver = triton.runtime.driver.active
     props = driver.utils.get_device_properties(driver.get_current_device())
     return configs.arch_class(driver.get_current_target().arch), props["multiprocessor_count"]
 
 
 class Plan:
-    """What one call launches: shapes, precision, tiles' keys and flags shared by the kernels."""
+    """Shapes, precision, GPU class and the constexprs shared by the kernels of one call."""
 
     def __init__(self, q, L, long_threshold):
         B, H, N, D = q.shape
         self.B, self.H, self.N, self.L, self.D = B, H, N, L, D
         self.block_d = max(16, triton.next_power_of_2(D))
         self.precision = precision_class(q.dtype)
-        self.arch, self.sm_count = device_info(q)
+        self.arch, self.sm_count = device_info(q.device)
         self.one_block_n = max(16, triton.next_power_of_2(L)) if L <= 128 else 0
         self.long = N >= long_threshold and L >= long_threshold
         self.common = dict(
-            HEAD_DIM=D, BLOCK_D=self.block_d,
+            HEAD_DIM=D, EVEN_D=D == self.block_d, BLOCK_D=self.block_d,
             UPCAST=triton_interpreting() and q.dtype == torch.bfloat16,
             PRECISION="ieee" if self.precision == "ieee" else "tf32",
         )
@@ -106,151 +123,298 @@ def _launch(kernel_name, plan, flags, candidates, launch_one):
     return None
 
 
-def _mask_args(w, zero, valid, dummy):
-    """Pointers and batch strides of the [B, L] vectors; dummies for absent ones."""
-    tensors = [t if t is not None else dummy for t in (w, zero, valid)]
-    strides = [t.stride(0) if t is not None else 0 for t in (w, zero, valid)]
-    flags = dict(HAS_W=w is not None, HAS_ZERO=zero is not None, HAS_VALID=valid is not None)
-    return tensors, strides, flags
+class Launcher:
+    """One kernel launch with everything fixed but the tensors and the scale: the tile is picked
+    (with fallback) at the first call, then the bound `kernel[grid]` is called directly."""
+
+    def __init__(self, name, plan, kernel, flags, grid_of, consts_of, candidates=None):
+        self.name, self.plan, self.kernel, self.flags = name, plan, kernel, flags
+        self.grid_of, self.consts_of = grid_of, consts_of
+        self.candidates = plan.tiles(name) if candidates is None else candidates
+        self.fn = self.consts = self.tile = self.compiled = None
+
+    def __bool__(self):
+        return bool(self.candidates)
+
+    def __call__(self, *args):
+        if self.fn is not None:
+            return self.fn(*args, **self.consts)
+
+        def launch_one(tile):
+            fn, consts = self.kernel[self.grid_of(tile)], dict(self.consts_of(tile), **self.flags)
+            self.compiled = fn(*args, **consts)  # Triton's compiled kernel (None under the interpreter)
+            self.fn, self.consts, self.tile = fn, consts, tile
+        if _launch(self.name, self.plan, self.flags, self.candidates, launch_one) is None:
+            raise RuntimeError(f"no tile of the {self.name} kernel fits this GPU ({self.plan.arch}, D={self.plan.D})")
+
+
+def _tile_consts(tile, block_n):
+    return dict(BLOCK_M=tile.block_m, BLOCK_N=block_n, num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
+def _mask_flags(w, zero, valid):
+    return dict(HAS_W=w is not None, HAS_ZERO=zero is not None, HAS_VALID=valid is not None)
+
+
+def _mask_strides(w, zero, valid):
+    return tuple(0 if t is None else t.stride(0) for t in (w, zero, valid))
+
+
+def _mask_key(t):
+    return None if t is None else (t.dtype, t.stride(0))
+
+
+def _call_key(q, k, v, w, zero, valid, long_threshold):
+    """What a plan depends on. 16-byte alignment of the bases is part of it (the vector width)."""
+    aligned = not ((q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15)
+    tf32 = q.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, _mask_key(w),
+            _mask_key(zero), _mask_key(valid), long_threshold, tf32, aligned)
+
+
+class ForwardPlan:
+    """Forward launch of one call key: out strides, LSE/score shapes, the kernel's arguments."""
+
+    def __init__(self, q, k, v, w, zero, valid, long_threshold):
+        plan = self.plan = Plan(q, k.shape[2], long_threshold)
+        B, H, N, L = plan.B, plan.H, plan.N, plan.L
+        out = torch.empty_like(q)
+        self.out_stride = out.stride()
+        self.row_shape = (B, H, N)
+        self.has_w = w is not None
+        vec = vector_width((q, k, v, out), q.element_size())
+        self.scalars = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                        *_mask_strides(w, zero, valid), H, N, L)
+        flags = _mask_flags(w, zero, valid)
+
+        def consts(one_block):
+            def of(tile):
+                block_n = plan.block_n(tile)
+                return dict(_tile_consts(tile, block_n), **plan.common, VEC=vec, ONE_KEY_BLOCK=one_block,
+                            EVEN_N=N % tile.block_m == 0, EVEN_L=L % block_n == 0)
+            return of
+
+        grid = lambda tile: (B * H, triton.cdiv(N, tile.block_m))  # noqa: E731
+        self.launch = Launcher("fwd1", plan, _fwd_kernel, flags, grid, consts(True))
+        if not self.launch.candidates:
+            name = "fwd_long" if plan.long else "fwd"
+            self.launch = Launcher(name, plan, _fwd_kernel, flags, grid, consts(False))
+
+    def run(self, q, k, v, w, zero, valid, scale):
+        out = torch.empty_strided(q.shape, self.out_stride, dtype=q.dtype, device=q.device)
+        lse = torch.empty(self.row_shape, device=q.device, dtype=torch.float32)
+        score = torch.empty(self.row_shape, device=q.device, dtype=torch.float32) if self.has_w else None
+        self.launch(q, k, v, lse if w is None else w, lse if zero is None else zero, lse if valid is None else valid,
+                    out, lse if score is None else score, lse, *self.scalars, scale * LOG2E)
+        return out, score, lse
 
 
 def forward(q, k, v, w, zero, valid, scale, long_threshold=LONG_THRESHOLD):
-    """out (q's layout), score [B, H, N] float32 (empty without w), lse [B, H, N] (log2 units)."""
-    plan = Plan(q, k.shape[2], long_threshold)
-    B, H, N = plan.B, plan.H, plan.N
-    out = torch.empty_like(q)
-    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    score = torch.empty((B, H, N), device=q.device, dtype=torch.float32) if w is not None else lse.new_empty(0)
-    vectors, vector_strides, flags = _mask_args(w, zero, valid, lse)
-    vec = vector_width((q, k, v, out), q.element_size())
-
-    def launch(one_block):
-        def launch_one(tile):
-            grid = (B * H, triton.cdiv(N, tile.block_m))
-            _fwd_kernel[grid](
-                q, k, v, *vectors, out, score, lse,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *vector_strides,
-                H, N, plan.L, scale * LOG2E, VEC=vec, ONE_KEY_BLOCK=one_block, **flags, **plan.common,
-                BLOCK_M=tile.block_m, BLOCK_N=plan.block_n(tile), num_warps=tile.num_warps,
-                num_stages=tile.num_stages,
-            )
-        return launch_one
-
-    if _launch("fwd1", plan, flags, plan.tiles("fwd1"), launch(True)) is None:
-        kernel = "fwd_long" if plan.long else "fwd"
-        if _launch(kernel, plan, flags, plan.tiles(kernel), launch(False)) is None:
-            raise RuntimeError(f"no tile of the forward kernel fits this GPU ({plan.arch}, D={plan.D})")
-    return out, score, lse
+    """out (q's layout), score [B, H, N] float32 (None without w), lse [B, H, N] (log2 units)."""
+    key = _call_key(q, k, v, w, zero, valid, long_threshold)
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        plan = _FWD_PLANS[key] = ForwardPlan(q, k, v, w, zero, valid, long_threshold)
+    return plan.run(q, k, v, w, zero, valid, scale)
 
 
 def dkdv_split(plan, block_m, block_n, requested):
-    """(splits, rows per split): programs sharing one key block's query rows (fills the GPU at L = 77)."""
+    """(splits, rows per split): programs sharing one key block's query rows, so that the dK/dV
+    pass fills the GPU (about two programs per SM) when there are few key blocks (L = 77)."""
     n_row_blocks = triton.cdiv(plan.N, block_m)
     if requested:
         split = requested
     else:
         programs = triton.cdiv(plan.L, block_n) * plan.B * plan.H
-        split = math.ceil(4 * plan.sm_count / programs)
+        split = math.ceil(2 * plan.sm_count / programs)
     split = max(1, min(split, n_row_blocks))
     blocks_per_split = triton.cdiv(n_row_blocks, split)
     return triton.cdiv(n_row_blocks, blocks_per_split), blocks_per_split * block_m
 
 
+def sum_block_n(block_d):
+    """Keys per program of the split sum (sm80 at D=128 spilled with 32)."""
+    return 32 if block_d <= 64 else 16 if block_d <= 128 else 8
+
+
+class BackwardPlan:
+    """Backward launches of one call key: delta, dK/dV (+ split sum), dQ; or the fused bwd1."""
+
+    def __init__(self, q, k, v, out, w, zero, valid, dout, has_g, split_request, long_threshold):
+        plan = self.plan = Plan(q, k.shape[2], long_threshold)
+        B, H, N, L, D = plan.B, plan.H, plan.N, plan.L, plan.D
+        self.has_do = has_do = dout is not None
+        self.has_g = has_g
+        do = dout if has_do else out
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        self.dq_stride, self.dk_stride = dq.stride(), dk.stride()
+        self.dv_stride = torch.empty_like(v).stride() if has_do else None
+        self.row_shape = (B, H, N)
+        vec = vector_width((q, k, v, out, do, dq, dk), q.element_size())
+        vec = vec if D % vec == 0 else 1  # the fp32 [split, B, H, L, D] workspace shares the hint
+        flags = dict(_mask_flags(w, zero, valid), HAS_G=has_g, HAS_DO=has_do)
+        masks = _mask_strides(w, zero, valid)
+        row_args = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+        dk_dest = (0, *self.dk_stride[:3])
+        dv_dest = (0, *(self.dv_stride or self.dk_stride)[:3])
+        self.split = 1
+
+        def dkdv(name, fused):
+            candidates = plan.tiles(name)
+            if not candidates:
+                return None, None
+            tile = candidates[0]
+            block_n = plan.block_n(tile)
+            split, rows = dkdv_split(plan, tile.block_m, block_n, split_request)
+            # Workspace [split, B, H, L, D] fp32 (split > 1) or the outputs themselves.
+            ws_stride = (B * H * L * D, H * L * D, L * D, D)
+            dk_strides = ws_stride if split > 1 else dk_dest
+            dv_strides = ws_stride if split > 1 else dv_dest
+            scalars = (*row_args, *dk_strides, *dv_strides, *out.stride()[:3], *self.dq_stride[:3], *masks, H, N, L)
+
+            def consts(t):
+                bn = plan.block_n(t)
+                return dict(_tile_consts(t, bn), **plan.common, VEC=vec, FUSED_DQ=fused,
+                            EVEN_N=N % t.block_m == 0 and rows % t.block_m == 0, EVEN_L=L % bn == 0)
+            # the split (and so the grid) follows the table's tile; a fallback tile keeps it
+            grid = lambda t: (B * H, triton.cdiv(L, plan.block_n(t)), split)  # noqa: E731
+            launcher = Launcher(name, plan, _bwd_dkdv_kernel, flags, grid, consts, candidates)
+            return launcher, (split, rows, scalars)
+
+        self.fused, self.dkdv = True, None
+        launcher, info = dkdv("bwd1", True)
+        if launcher is None:
+            self.fused = False
+            name = "dkdv_long" if plan.long else "dkdv"
+            launcher, info = dkdv(name, False)
+            if launcher is None:
+                raise RuntimeError(f"no tile of the dK/dV kernel in the table ({plan.arch}, D={D})")
+        self.dkdv = launcher
+        self.split, self.rows_per_split, self.dkdv_scalars = info
+        self.ws_shape = (self.split, B, H, L, D)
+        if self.split > 1:
+            block_n = sum_block_n(plan.block_d)
+            self.sum_splits = Launcher(
+                "sum", plan, _sum_splits_kernel, dict(HAS_DO=has_do), lambda t: (B * H, triton.cdiv(L, block_n)),
+                lambda t: dict(HEAD_DIM=D, BLOCK_N=block_n, BLOCK_D=plan.block_d, num_warps=4, num_stages=1),
+                [configs.Tile(block_n, block_n, 4, 1)])
+            self.sum_scalars = (self.split, B * H * L * D, *self.dk_stride[:3], *(self.dv_stride or self.dk_stride)[:3],
+                                H, L)
+        if not self.fused:
+            delta_m = 64 if plan.block_d <= 128 else 32
+            self.delta = Launcher(
+                "delta", plan, _bwd_delta_kernel, dict(HAS_DO=has_do, HAS_G=has_g),
+                lambda t: (B * H, triton.cdiv(N, delta_m)),
+                lambda t: dict(HEAD_DIM=D, VEC=vec, BLOCK_M=delta_m, BLOCK_D=plan.block_d, num_warps=4, num_stages=1),
+                [configs.Tile(delta_m, 0, 4, 1)])
+            self.delta_scalars = (*out.stride()[:3], *do.stride()[:3], H, N)
+            dq_name = "dq_long" if plan.long else "dq"
+
+            def dq_consts(t):
+                return dict(_tile_consts(t, t.block_n), **plan.common, VEC=vec, EVEN_N=N % t.block_m == 0,
+                            EVEN_L=L % t.block_n == 0)
+            self.dq = Launcher(dq_name, plan, _bwd_dq_kernel, flags, lambda t: (B * H, triton.cdiv(N, t.block_m)),
+                               dq_consts)
+            self.dq_scalars = (*row_args, *self.dq_stride[:3], *masks, H, N, L)
+
+    def run(self, q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale):
+        dev = q.device
+        dq = torch.empty_strided(q.shape, self.dq_stride, dtype=q.dtype, device=dev)
+        dk = torch.empty_strided(k.shape, self.dk_stride, dtype=k.dtype, device=dev)
+        dv = torch.empty_strided(v.shape, self.dv_stride, dtype=v.dtype, device=dev) if self.has_do else None
+        do = dout if self.has_do else out
+        dscore = dscore if self.has_g else lse
+        vectors = (lse if w is None else w, lse if zero is None else zero, lse if valid is None else valid)
+        score = lse if score is None else score
+        if self.split > 1:
+            wk = torch.empty(self.ws_shape, device=dev, dtype=torch.float32)
+            wv = torch.empty(self.ws_shape, device=dev, dtype=torch.float32) if self.has_do else wk
+        else:
+            wk, wv = dk, (dv if self.has_do else dk)
+        if self.fused:
+            delta = lse
+        else:
+            delta = torch.empty(self.row_shape, device=dev, dtype=torch.float32)
+            self.delta(out, do, score, dscore, delta, *self.delta_scalars)
+        self.dkdv(q, k, v, *vectors, do, lse, delta, dscore, wk, wv, out, score, dq, *self.dkdv_scalars,
+                  scale * LOG2E, scale, self.rows_per_split)
+        if self.split > 1:
+            self.sum_splits(wk, wv, dk, dk if dv is None else dv, *self.sum_scalars)
+        if not self.fused:
+            self.dq(q, k, v, *vectors, do, lse, delta, dscore, dq, *self.dq_scalars, scale * LOG2E, scale)
+        return dq, dk, dv
+
+
 def backward(q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale, split_request=0,
              long_threshold=LONG_THRESHOLD):
-    """(dq, dk, dv): dv is empty when dout is None (only the score was used)."""
-    plan = Plan(q, k.shape[2], long_threshold)
-    B, H, N, L, D = plan.B, plan.H, plan.N, plan.L, plan.D
-    has_do = dout is not None
+    """(dq, dk, dv): dv is None when dout is None (only the score was used)."""
+    if dout is not None and dout.stride(-1) != 1:
+        dout = dout.contiguous()
     has_g = dscore is not None and w is not None
-    dscore = dscore.contiguous() if has_g else lse
-    do = dout if has_do else out
-    vectors, vector_strides, mask_flags = _mask_args(w, zero, valid, lse)
-    flags = dict(mask_flags, HAS_G=has_g, HAS_DO=has_do)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v) if has_do else v.new_empty(0)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    vec = vector_width((q, k, v, out, do, dq, dk) + ((dv,) if dv.numel() else ()), q.element_size())
-    vec = vec if D % vec == 0 else 1  # the fp32 [split, B, H, L, D] dK/dV buffers share the hint
-    row_args = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-
-    def launch_dkdv(one_block, dq_mode, dq_target, delta):
-        def launch_one(tile):
-            block_n = plan.block_n(tile)
-            split, rows_per_split = dkdv_split(plan, tile.block_m, block_n, split_request)
-            atomic = split > 1 and not deterministic
-            direct = split == 1 or (atomic and k.dtype == torch.float32)  # no fp32 buffer needed
-            if direct:
-                if atomic:
-                    dk.zero_()
-                    dv.zero_()
-                dk_buf, dv_buf = dk.unsqueeze(0), (dv if dv.numel() else dk).unsqueeze(0)
-            else:
-                shape = (1 if atomic else split, B, H, L, D)
-                zero_or_empty = torch.zeros if atomic else torch.empty
-                dk_buf = zero_or_empty(shape, device=q.device, dtype=torch.float32)
-                dv_buf = zero_or_empty(shape, device=q.device, dtype=torch.float32) if dv.numel() else dk_buf
-            split_strides = lambda t: (0 if atomic else t.stride(0), *t.stride()[1:4])  # noqa: E731
-            _bwd_dkdv_kernel[(B * H, triton.cdiv(L, block_n), split)](
-                q, k, v, *vectors, do, lse, delta, dscore, dk_buf, dv_buf, out, score, dq_target,
-                *row_args, *split_strides(dk_buf), *split_strides(dv_buf), *out.stride()[:3],
-                *dq_target.stride()[:3], *vector_strides,
-                H, N, L, scale * LOG2E, scale, rows_per_split, VEC=vec, ATOMIC=atomic,
-                FUSED_DQ=dq_mode == "fused", ATOMIC_DQ=dq_mode == "atomic", **flags, **plan.common,
-                BLOCK_M=tile.block_m, BLOCK_N=block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
-            )
-            if not direct:
-                dk.copy_(dk_buf.sum(0))
-                if dv.numel():
-                    dv.copy_(dv_buf.sum(0))
-        return launch_one
-
-    if _launch("bwd1", plan, flags, plan.tiles("bwd1"), launch_dkdv(True, "fused", dq, lse)) is not None:
-        return dq, dk, dv
-    delta = _delta(plan, out, do, score, dscore, has_do, has_g, vec)
-    if plan.long and not deterministic and plan.tiles("dkdv_long"):
-        dq_acc = dq if q.dtype == torch.float32 else torch.empty_like(q, dtype=torch.float32)
-        dq_acc.zero_()
-        if _launch("dkdv_long", plan, flags, plan.tiles("dkdv_long"), launch_dkdv(False, "atomic", dq_acc, delta)):
-            if dq_acc is not dq:
-                dq.copy_(dq_acc)
-            return dq, dk, dv
-    _dq(plan, q, k, v, vectors, vector_strides, flags, do, lse, delta, dscore, dq, scale, vec)
-    if _launch("dkdv", plan, flags, plan.tiles("dkdv"), launch_dkdv(False, "none", dq, delta)) is None:
-        raise RuntimeError(f"no tile of the dK/dV kernel fits this GPU ({plan.arch}, D={D})")
-    return dq, dk, dv
+    if has_g and not dscore.is_contiguous():
+        dscore = dscore.contiguous()
+    key = (_call_key(q, k, v, w, zero, valid, long_threshold), None if dout is None else dout.stride(),
+           has_g, split_request)
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        plan = _BWD_PLANS[key] = BackwardPlan(q, k, v, out, w, zero, valid, dout, has_g, split_request,
+                                              long_threshold)
+    return plan.run(q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale)
 
 
-def _delta(plan, out, do, score, dscore, has_do, has_g, vec):
-    delta = torch.empty((plan.B, plan.H, plan.N), device=out.device, dtype=torch.float32)
-    block_m = 64 if plan.block_d <= 128 else 32
-    _bwd_delta_kernel[(plan.B * plan.H, triton.cdiv(plan.N, block_m))](
-        out, do, score, dscore, delta, *out.stride()[:3], *do.stride()[:3], plan.H, plan.N,
-        HEAD_DIM=plan.D, VEC=vec, HAS_DO=has_do, HAS_G=has_g, BLOCK_M=block_m, BLOCK_D=plan.block_d,
-    )
-    return delta
+def clear_plans():
+    """Forgets every cached plan and working tile (the tune tool changes tiles between calls)."""
+    for cache in (_FWD_PLANS, _BWD_PLANS, _WORKING_TILE):
+        cache.clear()
 
 
-def _dq(plan, q, k, v, vectors, vector_strides, flags, do, lse, delta, dscore, dq, scale, vec):
-    def launch_one(tile):
-        _bwd_dq_kernel[(plan.B * plan.H, triton.cdiv(plan.N, tile.block_m))](
-            q, k, v, *vectors, do, lse, delta, dscore, dq,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], *vector_strides,
-            plan.H, plan.N, plan.L, scale * LOG2E, scale, VEC=vec, **flags, **plan.common,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
-        )
-    if _launch("dq", plan, flags, plan.tiles("dq"), launch_one) is None:
-        raise RuntimeError(f"no tile of the dQ kernel fits this GPU ({plan.arch}, D={plan.D})")
+def planned_launchers():
+    """Every Launcher of the cached plans (the tune tool reads the tile and compiled kernel used)."""
+    for plan in list(_FWD_PLANS.values()) + list(_BWD_PLANS.values()):
+        for name in ("launch", "dkdv", "dq", "delta", "sum_splits"):
+            launcher = getattr(plan, name, None)
+            if launcher is not None:
+                yield launcher
 
 
-# ---- torch.library registration ----
+# ---- eager autograd ----
+
+class ConceptAttention(torch.autograd.Function):
+    """Eager path: forward and backward launch directly (no dispatcher round trip)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, zero, valid, scale, split, long_threshold):
+        out, score, lse = forward(q, k, v, w, zero, valid, scale, long_threshold)
+        ctx.save_for_backward(q, k, v, out, score)  # outputs must be saved so; the rest kept plainly
+        ctx.lse, ctx.masks = lse, (w, zero, valid)
+        ctx.scale, ctx.split, ctx.long_threshold = scale, split, long_threshold
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no dO of zeros
+        return out, score
+
+    @staticmethod
+    def backward(ctx, dout, dscore):
+        q, k, v, out, score = ctx.saved_tensors
+        lse, (w, zero, valid) = ctx.lse, ctx.masks
+        if w is None:
+            dscore = None
+        if dscore is None and dout is None:
+            return (None,) * 9
+        needs = ctx.needs_input_grad
+        dq, dk, dv = backward(q, k, v, out, score, lse, w, zero, valid, dout, dscore, ctx.scale, ctx.split,
+                              ctx.long_threshold)
+        # Only the score used (the attention loss): v gets no gradient, as with autograd on the reference.
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+                None, None, None, None, None, None)
+
+
+# ---- torch.library registration (torch.compile) ----
 
 @torch.library.custom_op("fmn_kernels::concept_attention_fwd", mutates_args=())
 def concept_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Optional[torch.Tensor],
                           zero: Optional[torch.Tensor], valid: Optional[torch.Tensor], scale: float,
                           dkdv_split: int, long_threshold: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return forward(q, k, v, w, zero, valid, scale, long_threshold)
+    out, score, lse = forward(q, k, v, w, zero, valid, scale, long_threshold)
+    return out, (score if score is not None else lse.new_empty(0)), lse
 
 
 @concept_attention_fwd.register_fake
@@ -267,9 +431,9 @@ def concept_attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
                           zero: Optional[torch.Tensor], valid: Optional[torch.Tensor],
                           dout: Optional[torch.Tensor], dscore: Optional[torch.Tensor], scale: float,
                           dkdv_split: int, long_threshold: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if dout is not None and dout.stride(-1) != 1:
-        dout = dout.contiguous()
-    return backward(q, k, v, out, score, lse, w, zero, valid, dout, dscore, scale, dkdv_split, long_threshold)
+    dq, dk, dv = backward(q, k, v, out, score if w is not None else None, lse, w, zero, valid, dout, dscore, scale,
+                          dkdv_split, long_threshold)
+    return dq, dk, (dv if dv is not None else v.new_empty(0))
 
 
 @concept_attention_bwd.register_fake
@@ -313,12 +477,20 @@ def concept_attention_triton(q, k, v, scale, concept_weights=None, zero_mask=Non
     """Triton path of `fmn_kernels.cross_attention` (inputs already checked there).
 
     Masks are passed as they are ([B, L], bool or float weights): only a non-unit last stride is
-    copied. dkdv_split forces the number of programs sharing one key block's query rows in the
-    backward (tests use it for the atomic and workspace reductions); long_threshold lowers the N, L
-    from which the long-sequence path is taken (tests run it at small sizes).
+    copied. Eager calls: the autograd Function, or the plain forward when no gradient is needed;
+    under torch.compile: the custom op. dkdv_split forces the number of programs sharing one key
+    block's query rows in the backward (tests use it for the split reduction); long_threshold
+    lowers the N, L from which the long-sequence tiles are taken (tests run them at small sizes).
     """
-    w, zero, valid = (None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
-                      for t in (concept_weights, zero_mask, key_mask))
-    out, score, _ = concept_attention_fwd(q, k, v, w, zero, valid, float(scale), int(dkdv_split or 0),
-                                          int(long_threshold))
-    return out, (score if w is not None else None)
+    w, zero, valid = concept_weights, zero_mask, key_mask
+    if (w is not None and w.stride(-1) != 1) or (zero is not None and zero.stride(-1) != 1) or (
+            valid is not None and valid.stride(-1) != 1):
+        w, zero, valid = (None if t is None else t.contiguous() for t in (w, zero, valid))
+    split = int(dkdv_split or 0)
+    if torch.compiler.is_compiling():
+        out, score, _ = concept_attention_fwd(q, k, v, w, zero, valid, float(scale), split, int(long_threshold))
+        return out, (score if w is not None else None)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return ConceptAttention.apply(q, k, v, w, zero, valid, float(scale), split, long_threshold)
+    out, score, _ = forward(q, k, v, w, zero, valid, float(scale), long_threshold)
+    return out, score

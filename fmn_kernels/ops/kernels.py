@@ -21,16 +21,25 @@ Backward, with upstream dO and g_i = dLoss/dc_i:
     ds_ij   = p_ij (dp_ij - delta_i)
     dQ = s dS K,   dK = s dS^T Q,   dV = (P * (1 - z))^T dO
 
-dK/dV come from a grid over (batch*head, key block, split), each program looping over its share of
-the query rows. dQ comes from the same pass when possible: FUSED_DQ (all keys in one tile: the pass
-also computes delta and stores dQ, one kernel in all) or ATOMIC_DQ (long keys: FlashAttention-2's
-5-matmul backward, dQ added into an fp32 buffer); otherwise from its own kernel over query blocks.
+The backward is FlashAttention-2's, without atomics (bitwise repeatable):
+- `_bwd_delta_kernel`: delta per row;
+- `_bwd_dkdv_kernel`: one program per block of BLOCK_N keys, which sit in the M dimension of the
+  dots (S^T = K Q^T, P^T directly, dV += P^T dO, dK += dS^T Q), looping over query blocks of
+  BLOCK_M rows. The query rows can be split over programs (axis 2) into an fp32 workspace that
+  `_sum_splits_kernel` adds up in a fixed order (fills the GPU when there are few key blocks).
+  FUSED_DQ (all keys in one block, SD's 77 tokens): the same pass computes delta itself and
+  stores dQ = dS K for its rows: the whole backward in one kernel (plus the split sum).
+- `_bwd_dq_kernel`: one program per block of BLOCK_M query rows, looping over key blocks.
 HAS_DO = False (only the score is used, the attention loss): dO is not read, dV not computed.
 
-The head dim is a compile-time constant (HEAD_DIM, padded to the power of two BLOCK_D), so the d
-mask folds away and rows load as vectors; VEC is the number of elements that the host checked every
+EVEN_N / EVEN_L: the host found N (resp. L) a multiple of the block, so no tile carries a row (key)
+mask. The head dim is a compile-time constant (HEAD_DIM, padded to the power of two BLOCK_D; the d
+mask folds away when they are equal). VEC is the number of elements that the host checked every
 base pointer and stride to be a multiple of (16 bytes, else 1), given to the compiler as a hint.
-Bool masks and concept weights of any float dtype are read as they are (no conversion kernels).
+Loop bodies add start * stride (hinted a multiple of VEC) to loop-invariant tile pointers: measured
+with ptxas, loop-carried pointer tiles spilled (fwd1 bf16 D=40: 189 -> 255 registers) and a
+loop-carried scalar base lost the vector loads. Bool masks and concept weights of any float dtype
+are read as they are (no conversion kernels).
 """
 import triton
 import triton.language as tl
@@ -46,49 +55,63 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(b, h, stride_b, stride_h, stride_n, rows, offs_d, VEC: tl.constexpr):
-    """int64 offsets of a [rows, BLOCK_D] tile of a [B, H, seq, D] tensor with a unit last stride."""
-    row = tl.multiple_of(b * stride_b + h * stride_h + rows[:, None].to(tl.int64) * stride_n, [VEC, VEC])
-    return row + offs_d[None, :]
-
-
-@triton.jit
 def _batch_head(pid_bh, H):
     """(b, h) as int64 from the program's batch*head index."""
     return (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
 
 
 @triton.jit
-def _load_tile(PTR, b, h, stride_b, stride_h, stride_n, rows, offs_d, mask, VEC: tl.constexpr):
-    """A [rows, BLOCK_D] tile of a [B, H, seq, D] tensor, zeros where masked."""
-    return tl.load(PTR + _tile_offsets(b, h, stride_b, stride_h, stride_n, rows, offs_d, VEC), mask=mask, other=0.0)
+def _tile_ptrs(PTR, b, h, stride_b, stride_h, stride_n, rows, offs_d, VEC: tl.constexpr):
+    """Pointers of a [rows, BLOCK_D] tile of a [B, H, seq, D] tensor with a unit last stride (int64)."""
+    row = tl.multiple_of(b * stride_b + h * stride_h + rows[:, None].to(tl.int64) * stride_n, [VEC, VEC])
+    return PTR + row + offs_d[None, :]
 
 
 @triton.jit
-def _load_tile_pair(A, B, b, h, stride_ab, stride_ah, stride_an, stride_bb, stride_bh, stride_bn, rows, offs_d, mask,
-                    LOAD_B: tl.constexpr, VEC: tl.constexpr):
-    """The tiles of A and B at the same rows (q and dO, or k and v). Without LOAD_B, B is not read and
-    A's tile stands in for it (a placeholder the caller never uses)."""
-    a = _load_tile(A, b, h, stride_ab, stride_ah, stride_an, rows, offs_d, mask, VEC)
-    second = a
-    if LOAD_B:
-        second = _load_tile(B, b, h, stride_bb, stride_bh, stride_bn, rows, offs_d, mask, VEC)
-    return a, second
+def _load_tile(ptrs, row_ok, d_ok, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A [rows, BLOCK_D] tile, zeros where masked; no mask on a full block."""
+    if EVEN_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    return x
 
 
 @triton.jit
-def _load_key_vectors(W, ZERO, VALID, sw, sz, sv, b, cols, col_ok,
-                      HAS_W: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_VALID: tl.constexpr):
-    """Concept weights w, kept-column factor (1 - z) and key validity for one block of keys."""
+def _store_tile(ptrs, x, row_ok, d_ok, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    x = x.to(ptrs.dtype.element_ty)
+    if EVEN_ROWS:
+        if EVEN_D:
+            tl.store(ptrs, x)
+        else:
+            tl.store(ptrs, x, mask=d_ok[None, :])
+    else:
+        if EVEN_D:
+            tl.store(ptrs, x, mask=row_ok[:, None])
+        else:
+            tl.store(ptrs, x, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _load_key_vectors(W, ZERO, VALID, cols, col_ok,
+                      HAS_W: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_VALID: tl.constexpr, EVEN_L: tl.constexpr):
+    """Concept weights w, kept-column factor (1 - z) and key validity (key mask, and cols < L unless
+    EVEN_L) for one block of keys. W, ZERO, VALID point at the sample's row."""
     w = tl.zeros(cols.shape, dtype=tl.float32)
     keep = tl.full(cols.shape, 1.0, dtype=tl.float32)
     valid = col_ok
     if HAS_W:
-        w = tl.load(W + b * sw + cols, mask=col_ok, other=0).to(tl.float32)
+        w = tl.load(W + cols, mask=col_ok, other=0).to(tl.float32)
     if HAS_ZERO:
-        keep = 1.0 - tl.load(ZERO + b * sz + cols, mask=col_ok, other=0).to(tl.float32)
+        keep = 1.0 - tl.load(ZERO + cols, mask=col_ok, other=0).to(tl.float32)
     if HAS_VALID:
-        valid = valid & (tl.load(VALID + b * sv + cols, mask=col_ok, other=0) != 0)
+        valid = valid & (tl.load(VALID + cols, mask=col_ok, other=0) != 0)
     return w, keep, valid
 
 
@@ -101,9 +124,10 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_on,
     sw, sz, sv,
     H, N, L, qk_scale,
-    HEAD_DIM: tl.constexpr, VEC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, VEC: tl.constexpr,
     HAS_W: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_VALID: tl.constexpr,
-    ONE_KEY_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ONE_KEY_BLOCK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_L: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -115,7 +139,13 @@ def _fwd_kernel(
     row_ok = rows < N
     d_ok = offs_d < HEAD_DIM
 
-    q = _load_tile(Q, b, h, stride_qb, stride_qh, stride_qn, rows, offs_d, row_ok[:, None] & d_ok[None, :], VEC)
+    q = _load_tile(_tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, rows, offs_d, VEC), row_ok, d_ok,
+                   EVEN_N, EVEN_D)
+    k_ptrs = _tile_ptrs(K, b, h, stride_kb, stride_kh, stride_kn, offs_n, offs_d, VEC)
+    v_ptrs = _tile_ptrs(V, b, h, stride_vb, stride_vh, stride_vn, offs_n, offs_d, VEC)
+    W += b * sw
+    ZERO += b * sz
+    VALID += b * sv
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                 # running sum of exp2
     r_i = tl.zeros([BLOCK_M], dtype=tl.float32)                 # running sum of w * exp2^2
@@ -124,16 +154,20 @@ def _fwd_kernel(
     for start_n in range(0, L, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < L
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k, v = _load_tile_pair(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                               cols, offs_d, kv_mask, True, VEC)
-        w, keep, valid = _load_key_vectors(W, ZERO, VALID, sw, sz, sv, b, cols, col_ok, HAS_W, HAS_ZERO, HAS_VALID)
+        start = tl.cast(start_n, tl.int64)
+        k = _load_tile(k_ptrs + tl.multiple_of(start * stride_kn, VEC), col_ok, d_ok, EVEN_L, EVEN_D)
+        v = _load_tile(v_ptrs + tl.multiple_of(start * stride_vn, VEC), col_ok, d_ok, EVEN_L, EVEN_D)
+        w, keep, valid = _load_key_vectors(W, ZERO, VALID, cols, col_ok, HAS_W, HAS_ZERO, HAS_VALID, EVEN_L)
 
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
+        if HAS_VALID:
+            s = tl.where(valid[None, :], s, float("-inf"))
+        elif not EVEN_L:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys masked so far: no NaN
-        p = tl.exp2(s - m_safe[:, None])
+        if HAS_VALID:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys masked so far: no NaN
+        p = tl.exp2(s - m_new[:, None])
         if HAS_ZERO:
             pv = _dot((p * keep[None, :]).to(v.dtype), v, UPCAST, PRECISION)
         else:
@@ -144,7 +178,7 @@ def _fwd_kernel(
             if HAS_W:
                 r_i = tl.sum(p * p * w[None, :], 1)
         else:
-            alpha = tl.exp2(m_i - m_safe)
+            alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + pv
             if HAS_W:
@@ -154,11 +188,10 @@ def _fwd_kernel(
     has_mass = l_i > 0
     l_safe = tl.where(has_mass, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + _tile_offsets(b, h, stride_ob, stride_oh, stride_on, rows, offs_d, VEC),
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _store_tile(_tile_ptrs(O, b, h, stride_ob, stride_oh, stride_on, rows, offs_d, VEC), out, row_ok, d_ok,
+                EVEN_N, EVEN_D)
     # A row with no valid key stores LSE = +inf, so the backward recomputes p = 0 for it.
-    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse = tl.where(has_mass, m_safe + tl.log2(l_safe), float("inf"))
+    lse = tl.where(has_mass, m_i + tl.log2(l_safe), float("inf"))
     row_base = pid_bh.to(tl.int64) * N
     tl.store(LSE + row_base + rows, lse, mask=row_ok)
     if HAS_W:
@@ -166,13 +199,10 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _row_delta(O, DO, SCORE, g, b, h, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
-               row_base, rows, row_ok, offs_d, d_ok, do,
-               HAS_DO: tl.constexpr, HAS_G: tl.constexpr, VEC: tl.constexpr):
-    """delta_i = dO_i . o_i + 2 g_i c_i for a block of rows (do: the loaded dO block, if any)."""
+def _row_delta(o, do, SCORE, g, row_base, rows, row_ok, HAS_DO: tl.constexpr, HAS_G: tl.constexpr):
+    """delta_i = dO_i . o_i + 2 g_i c_i for a block of rows (o, do: the loaded tiles, if HAS_DO)."""
     delta = tl.zeros(rows.shape, dtype=tl.float32)
     if HAS_DO:
-        o = _load_tile(O, b, h, stride_ob, stride_oh, stride_on, rows, offs_d, row_ok[:, None] & d_ok[None, :], VEC)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_G:
         delta += 2.0 * g * tl.load(SCORE + row_base + rows, mask=row_ok, other=0.0)
@@ -196,41 +226,17 @@ def _bwd_delta_kernel(
     row_ok = rows < N
     d_ok = offs_d < HEAD_DIM
     row_base = pid_bh.to(tl.int64) * N
-    do = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    do = o
     if HAS_DO:
-        do = _load_tile(DO, b, h, stride_dob, stride_doh, stride_don, rows, offs_d, row_ok[:, None] & d_ok[None, :],
-                        VEC)
+        o = _load_tile(_tile_ptrs(O, b, h, stride_ob, stride_oh, stride_on, rows, offs_d, VEC), row_ok, d_ok,
+                       False, False)
+        do = _load_tile(_tile_ptrs(DO, b, h, stride_dob, stride_doh, stride_don, rows, offs_d, VEC), row_ok, d_ok,
+                        False, False)
     g = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_G:
         g = tl.load(DSCORE + row_base + rows, mask=row_ok, other=0.0)
-    delta = _row_delta(O, DO, SCORE, g, b, h, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
-                       row_base, rows, row_ok, offs_d, d_ok, do, HAS_DO, HAS_G, VEC)
-    tl.store(DELTA + row_base + rows, delta, mask=row_ok)
-
-
-@triton.jit
-def _bwd_ds(q, k, v, do, lse, delta, g, w, keep, valid, qk_scale,
-            HAS_DO: tl.constexpr, HAS_G: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Recomputes P for a [rows, keys] tile and returns (P, dS)."""
-    s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
-    s = tl.where(valid[None, :], s, float("-inf"))
-    p = tl.exp2(s - lse[:, None])
-    dp = tl.zeros(p.shape, dtype=tl.float32)
-    if HAS_DO:
-        dp = _dot(do, tl.trans(v), UPCAST, PRECISION) * keep[None, :]
-    if HAS_G:
-        dp += 2.0 * g[:, None] * w[None, :] * p
-    return p, p * (dp - delta[:, None])
-
-
-@triton.jit
-def _load_row_vectors(LSE, DSCORE, row_base, rows, row_ok, HAS_G: tl.constexpr):
-    """LSE (inf past the last row, so p = 0 there) and g = dLoss/dc of a block of rows."""
-    lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
-    g = tl.zeros(rows.shape, dtype=tl.float32)
-    if HAS_G:
-        g = tl.load(DSCORE + row_base + rows, mask=row_ok, other=0.0)
-    return lse, g
+    tl.store(DELTA + row_base + rows, _row_delta(o, do, SCORE, g, row_base, rows, row_ok, HAS_DO, HAS_G), mask=row_ok)
 
 
 @triton.jit
@@ -243,11 +249,12 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     sw, sz, sv,
     H, N, L, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, VEC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, VEC: tl.constexpr,
     HAS_W: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_VALID: tl.constexpr, HAS_G: tl.constexpr,
-    HAS_DO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DO: tl.constexpr, EVEN_N: tl.constexpr, EVEN_L: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """dQ of BLOCK_M query rows, looping over key blocks of BLOCK_N."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b, h = _batch_head(pid_bh, H)
@@ -256,25 +263,50 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     d_ok = offs_d < HEAD_DIM
-    row_mask = row_ok[:, None] & d_ok[None, :]
-    q, do = _load_tile_pair(Q, DO, b, h, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
-                            rows, offs_d, row_mask, HAS_DO, VEC)
+    q = _load_tile(_tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, rows, offs_d, VEC), row_ok, d_ok,
+                   EVEN_N, EVEN_D)
+    do = q
+    if HAS_DO:
+        do = _load_tile(_tile_ptrs(DO, b, h, stride_dob, stride_doh, stride_don, rows, offs_d, VEC), row_ok, d_ok,
+                        EVEN_N, EVEN_D)
     row_base = pid_bh.to(tl.int64) * N
-    lse, g = _load_row_vectors(LSE, DSCORE, row_base, rows, row_ok, HAS_G)
+    lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
+    g = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_G:
+        g = tl.load(DSCORE + row_base + rows, mask=row_ok, other=0.0)
+    k_ptrs = _tile_ptrs(K, b, h, stride_kb, stride_kh, stride_kn, offs_n, offs_d, VEC)
+    v_ptrs = _tile_ptrs(V, b, h, stride_vb, stride_vh, stride_vn, offs_n, offs_d, VEC)
+    W += b * sw
+    ZERO += b * sz
+    VALID += b * sv
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < L
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k, v = _load_tile_pair(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                               cols, offs_d, kv_mask, HAS_DO, VEC)
-        w, keep, valid = _load_key_vectors(W, ZERO, VALID, sw, sz, sv, b, cols, col_ok, HAS_W, HAS_ZERO, HAS_VALID)
-        p, ds = _bwd_ds(q, k, v, do, lse, delta, g, w, keep, valid, qk_scale, HAS_DO, HAS_G, UPCAST, PRECISION)
+        start = tl.cast(start_n, tl.int64)
+        k = _load_tile(k_ptrs + tl.multiple_of(start * stride_kn, VEC), col_ok, d_ok, EVEN_L, EVEN_D)
+        v = k
+        if HAS_DO:
+            v = _load_tile(v_ptrs + tl.multiple_of(start * stride_vn, VEC), col_ok, d_ok, EVEN_L, EVEN_D)
+        w, keep, valid = _load_key_vectors(W, ZERO, VALID, cols, col_ok, HAS_W, HAS_ZERO, HAS_VALID, EVEN_L)
+        p = tl.exp2(_dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale - lse[:, None])
+        if HAS_VALID:
+            p = tl.where(valid[None, :], p, 0.0)
+        elif not EVEN_L:
+            p = tl.where(col_ok[None, :], p, 0.0)
+        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if HAS_DO:
+            dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+            if HAS_ZERO:
+                dp = dp * keep[None, :]
+        if HAS_G:
+            dp += (2.0 * g)[:, None] * w[None, :] * p
+        ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
-    tl.store(DQ + _tile_offsets(b, h, stride_dqb, stride_dqh, stride_dqn, rows, offs_d, VEC),
-             (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+    _store_tile(_tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, stride_dqn, rows, offs_d, VEC), dq * scale, row_ok, d_ok,
+                EVEN_N, EVEN_D)
 
 
 @triton.jit
@@ -290,16 +322,17 @@ def _bwd_dkdv_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     sw, sz, sv,
     H, N, L, qk_scale, scale, rows_per_split,
-    HEAD_DIM: tl.constexpr, VEC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, VEC: tl.constexpr,
     HAS_W: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_VALID: tl.constexpr, HAS_G: tl.constexpr,
-    HAS_DO: tl.constexpr, ATOMIC: tl.constexpr, FUSED_DQ: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_DO: tl.constexpr, FUSED_DQ: tl.constexpr, EVEN_N: tl.constexpr, EVEN_L: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dK, dV of one key block from the query rows [split * rows_per_split, +rows_per_split).
+    """dK, dV of BLOCK_N keys (the M dimension of the dots) from the query rows
+    [split * rows_per_split, +rows_per_split), BLOCK_M rows at a time.
 
-    DK/DV carry a split stride: the final tensors (one split), a workspace with one slice per split
-    (deterministic), or one buffer that the splits add into atomically (ATOMIC, split stride 0).
+    DK/DV carry a split stride: the final tensors (one split, stride 0) or an fp32 workspace with
+    one slice per split. EVEN_N: N and rows_per_split are multiples of BLOCK_M.
     """
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -310,51 +343,103 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < L
     d_ok = offs_d < HEAD_DIM
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k, v = _load_tile_pair(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                           cols, offs_d, kv_mask, HAS_DO, VEC)
-    w, keep, valid = _load_key_vectors(W, ZERO, VALID, sw, sz, sv, b, cols, col_ok, HAS_W, HAS_ZERO, HAS_VALID)
+    k = _load_tile(_tile_ptrs(K, b, h, stride_kb, stride_kh, stride_kn, cols, offs_d, VEC), col_ok, d_ok,
+                   EVEN_L, EVEN_D)
+    v = k
+    if HAS_DO:
+        v = _load_tile(_tile_ptrs(V, b, h, stride_vb, stride_vh, stride_vn, cols, offs_d, VEC), col_ok, d_ok,
+                       EVEN_L, EVEN_D)
+    w, keep, valid = _load_key_vectors(W + b * sw, ZERO + b * sz, VALID + b * sv, cols, col_ok,
+                                       HAS_W, HAS_ZERO, HAS_VALID, EVEN_L)
+    w2 = 2.0 * w
     row_base = pid_bh.to(tl.int64) * N
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     row_start = pid_split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, N)
+    q_ptrs = _tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, offs_m, offs_d, VEC)
+    do_ptrs = _tile_ptrs(DO, b, h, stride_dob, stride_doh, stride_don, offs_m, offs_d, VEC)
+    o_ptrs = _tile_ptrs(O, b, h, stride_ob, stride_oh, stride_on, offs_m, offs_d, VEC)
+    dq_ptrs = _tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, stride_dqn, offs_m, offs_d, VEC)
     for start_m in range(row_start, row_end, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < row_end
-        row_mask = row_ok[:, None] & d_ok[None, :]
-        q, do = _load_tile_pair(Q, DO, b, h, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
-                                rows, offs_d, row_mask, HAS_DO, VEC)
-        lse, g = _load_row_vectors(LSE, DSCORE, row_base, rows, row_ok, HAS_G)
+        start = tl.cast(start_m, tl.int64)
+        q = _load_tile(q_ptrs + tl.multiple_of(start * stride_qn, VEC), row_ok, d_ok, EVEN_N, EVEN_D)
+        do = q
+        if HAS_DO:
+            do = _load_tile(do_ptrs + tl.multiple_of(start * stride_don, VEC), row_ok, d_ok, EVEN_N, EVEN_D)
+        lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
+        g = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_G:
+            g = tl.load(DSCORE + row_base + rows, mask=row_ok, other=0.0)
         if FUSED_DQ:
-            delta = _row_delta(O, DO, SCORE, g, b, h, stride_ob, stride_oh, stride_on, stride_dob, stride_doh,
-                               stride_don, row_base, rows, row_ok, offs_d, d_ok, do, HAS_DO, HAS_G, VEC)
+            o = q
+            if HAS_DO:
+                o = _load_tile(o_ptrs + tl.multiple_of(start * stride_on, VEC), row_ok, d_ok, EVEN_N, EVEN_D)
+            delta = _row_delta(o, do, SCORE, g, row_base, rows, row_ok, HAS_DO, HAS_G)
         else:
             delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-        p, ds = _bwd_ds(q, k, v, do, lse, delta, g, w, keep, valid, qk_scale, HAS_DO, HAS_G, UPCAST, PRECISION)
+        pt = tl.exp2(_dot(k, tl.trans(q), UPCAST, PRECISION) * qk_scale - lse[None, :])  # P^T [keys, rows]
+        if HAS_VALID:
+            pt = tl.where(valid[:, None], pt, 0.0)
+        elif not EVEN_L:
+            pt = tl.where(col_ok[:, None], pt, 0.0)
+        dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if HAS_DO:
+            dpt = _dot(v, tl.trans(do), UPCAST, PRECISION)
             if HAS_ZERO:
-                p = p * keep[None, :]
-            dv += _dot(tl.trans(p).to(do.dtype), do, UPCAST, PRECISION)
-        dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST, PRECISION)
-        if FUSED_DQ or ATOMIC_DQ:
-            dq = _dot(ds.to(k.dtype), k, UPCAST, PRECISION) * scale
-            dq_ptrs = DQ + _tile_offsets(b, h, stride_dqb, stride_dqh, stride_dqn, rows, offs_d, VEC)
-            if ATOMIC_DQ:
-                tl.atomic_add(dq_ptrs, dq, mask=row_mask)
+                dpt = dpt * keep[:, None]
+                dv += _dot((pt * keep[:, None]).to(do.dtype), do, UPCAST, PRECISION)
             else:
-                tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_mask)
+                dv += _dot(pt.to(do.dtype), do, UPCAST, PRECISION)
+        if HAS_G:
+            dpt += w2[:, None] * g[None, :] * pt
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, UPCAST, PRECISION)
+        if FUSED_DQ:
+            dq = _dot(tl.trans(dst).to(k.dtype), k, UPCAST, PRECISION) * scale
+            _store_tile(dq_ptrs + tl.multiple_of(start * stride_dqn, VEC), dq, row_ok, d_ok, EVEN_N, EVEN_D)
 
-    dk *= scale
     split64 = pid_split.to(tl.int64)
-    dk_ptrs = DK + split64 * stride_dks + _tile_offsets(b, h, stride_dkb, stride_dkh, stride_dkn, cols, offs_d, VEC)
-    dv_ptrs = DV + split64 * stride_dvs + _tile_offsets(b, h, stride_dvb, stride_dvh, stride_dvn, cols, offs_d, VEC)
-    if ATOMIC:
-        tl.atomic_add(dk_ptrs, dk, mask=kv_mask)
+    dk_ptrs = _tile_ptrs(DK + split64 * stride_dks, b, h, stride_dkb, stride_dkh, stride_dkn, cols, offs_d, VEC)
+    _store_tile(dk_ptrs, dk * scale, col_ok, d_ok, EVEN_L, EVEN_D)
+    if HAS_DO:
+        dv_ptrs = _tile_ptrs(DV + split64 * stride_dvs, b, h, stride_dvb, stride_dvh, stride_dvn, cols, offs_d, VEC)
+        _store_tile(dv_ptrs, dv, col_ok, d_ok, EVEN_L, EVEN_D)
+
+
+@triton.jit
+def _sum_splits_kernel(
+    WK, WV, DK, DV, splits, split_stride,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, L,
+    HEAD_DIM: tl.constexpr, HAS_DO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK (and dV) = the sum of the fp32 workspace's split slices [splits, B, H, L, HEAD_DIM],
+    added in split order (deterministic), cast and stored with the outputs' strides."""
+    pid_bh = tl.program_id(0)
+    b, h = _batch_head(pid_bh, H)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < L
+    d_ok = offs_d < HEAD_DIM
+    mask = col_ok[:, None] & d_ok[None, :]
+    offs = cols[:, None] * HEAD_DIM + offs_d[None, :]
+    wk = WK + pid_bh.to(tl.int64) * L * HEAD_DIM  # scalar bases, advanced by one split per step
+    wv = WV + pid_bh.to(tl.int64) * L * HEAD_DIM
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for _split in range(0, splits):
+        dk += tl.load(wk + offs, mask=mask, other=0.0)
         if HAS_DO:
-            tl.atomic_add(dv_ptrs, dv, mask=kv_mask)
-    else:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-        if HAS_DO:
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+            dv += tl.load(wv + offs, mask=mask, other=0.0)
+        wk += split_stride
+        wv += split_stride
+    _store_tile(_tile_ptrs(DK, b, h, stride_dkb, stride_dkh, stride_dkn, cols, offs_d, 1), dk, col_ok, d_ok,
+                False, False)
+    if HAS_DO:
+        _store_tile(_tile_ptrs(DV, b, h, stride_dvb, stride_dvh, stride_dvn, cols, offs_d, 1), dv, col_ok, d_ok,
+                    False, False)
