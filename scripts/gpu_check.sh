@@ -13,8 +13,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 status=0
 # 1. kernel tests, compiled (8 min cap)
 if python3 -c "import pytest" 2>/dev/null; then
-  timeout 480 python3 -m pytest -q -x tests/test_cross_attention_gpu.py tests/test_cross_attention.py \
-    tests/test_torch_compile.py 2>&1 | tee "$OUT/tests.txt"
+  timeout 480 python3 -m pytest -q -x tests/kernels/test_cross_attention_gpu.py tests/kernels/test_cross_attention.py \
+    tests/kernels/test_torch_compile.py 2>&1 | tee "$OUT/tests.txt"
   status=${PIPESTATUS[0]}
 fi
 # 2. one-shot validation: correctness at full shapes, properties, timings, peak memory, resources

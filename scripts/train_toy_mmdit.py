@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from fmn.toy import data
 from fmn.toy import mmdit_model as MM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests/test_toy_mmdit.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests/toy/test_toy_mmdit.py)
 from toy_training import cosine_lr, encode_pool, log, make_pool, name_fp32_in_config, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -103,7 +103,7 @@ class PadCollapsedJointAttnProcessor:
     identical zero tokens stay identical through every block; in the softmax, n identical keys with
     the same value equal one key whose logit is raised by log(n). Training with one such token and
     this processor therefore computes what the pipeline computes with 256 zero tokens, at 73
-    instead of 328 tokens per image (tests/test_toy_mmdit.py checks the equality). Training draws
+    instead of 328 tokens per image (tests/toy/test_toy_mmdit.py checks the equality). Training draws
     the count per sample (log-uniform in 1..256), so that the model serves any max_sequence_length:
     the default 256, or 1 for speed."""
 

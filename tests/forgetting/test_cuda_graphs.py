@@ -1,7 +1,7 @@
 """fmn.cuda_graphs on the CPU: when a run uses CUDA graphs, the flag, the captured call's plumbing
 (arguments, masks, recorded scores, outputs, gradients; exercised with an identity "capture" that
 runs the captured module as it is) and the fallback when a capture fails. The capture itself and
-its match with the eager run need CUDA: tests/test_cuda_graphs_gpu.py."""
+its match with the eager run need CUDA: tests/forgetting/test_cuda_graphs_gpu.py."""
 import warnings
 
 import pytest
