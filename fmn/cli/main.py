@@ -193,6 +193,12 @@ def cmd_forget(a):
             raise CLIError(f"--images {a.images}: {'no such folder' if not images.exists() else 'not a folder'}")
     else:
         images = None
+    from fmn.presets import load_detector, resolve
+    try:  # --preset: its phrases and templates (refused without --images if it needs them); --eval-detector
+        a.concept, a.template = resolve(a.preset, a.concept, a.template, a.images, a.loss)
+        detector = load_detector(a.eval_detector) if a.eval_detector else None
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     template = a.template
     if template is not None and len(template) == 1 and template[0] in ("object", "style"):
         template = template[0]
@@ -235,6 +241,12 @@ def cmd_forget(a):
         from fmn.patches.compress import compress
         patch = compress(patch, rank=a.patch_rank, rel_error=a.patch_rel_error)
         patch.validate()
+    if detector is not None:  # before the grid, which leaves the pipeline patched
+        from fmn.presets import detector_report
+        patch.summary["detector"] = detector_report(
+            pipe, patch, [t.format(c) for c in a.concept for t in templates(opts.template)], detector,
+            n=a.eval_images, steps=opts.gen_steps, guidance_scale=opts.guidance_scale, seed=a.seed,
+            resolution=patch.summary.get("resolution"), threshold=a.eval_threshold)
     outputs = [(a.out, lambda tmp: patch.save(tmp, force=True), False)]
     if a.grid:  # drawn before anything is written: an interrupt here leaves no patch behind
         prompts = a.grid_prompt or [templates(opts.template)[0].format(c) for c in a.concept] + _retain_prompts(a)
@@ -247,6 +259,9 @@ def cmd_forget(a):
     commit(outputs, force=a.force)
     if not a.quiet:
         print(format_summary(patch, a.out))
+        if detector is not None:
+            from fmn.presets import format_report
+            print(format_report(patch.summary["detector"]))
         if a.grid:
             print(f"grid          {a.grid}: rows {prompts}, 4 seeds base | 4 seeds patched")
     return 0
@@ -551,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("forget", help="train a patch that makes the model forget concepts",
                        epilog=_toy_defaults_note())
     common(f)
-    f.add_argument("--concept", action="append", required=True, help="concept to forget (repeat for several)")
+    f.add_argument("--concept", action="append", default=None,
+                   help="concept to forget (repeat for several); required unless --preset gives them")
     f.add_argument("--images", default=None,
                    help="folder of reference images (or one subfolder per concept); default: generated")
     f.add_argument("--out", required=True, help="patch file to write (.safetensors)")
@@ -614,6 +630,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse concepts whose words the model's tokenizer does not know (default: a warning)")
     f.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="concept attention: fused Triton kernels (auto on CUDA) or the materialising reference")
+    # presets and the detector hook (fmn.presets; docs/nsfw-removal.md, docs/concept-correction.md)
+    f.add_argument("--preset", default=None,
+                   help="a preset of trigger phrases and templates (fmn/assets/presets/NAME.json, or a .json path): "
+                        "nsfw (needs --images: fmn never draws images for it); --concept adds phrases, --template "
+                        "replaces its templates")
+    f.add_argument("--eval-detector", default=None, metavar="MODULE:FUNCTION",
+                   help="your detector (or FILE.py:FUNCTION): a list of PIL images -> one score per image; run on "
+                        "images the base and the patched model draw from the run's prompts; the share scoring >= "
+                        "--eval-threshold is printed and stored in the patch's summary")
+    f.add_argument("--eval-images", type=POSITIVE, default=4, help="--eval-detector: images per prompt (default 4)")
+    f.add_argument("--eval-threshold", type=float, default=0.5,
+                   help="--eval-detector: a score at or above it counts as flagged (default 0.5)")
     f.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("apply", help="apply a patch and save the patched pipeline")
