@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_info, print_table, write_json_atomic  # noqa: E402
 
 import fmn  # noqa: E402
-from fmn.presets import patched  # noqa: E402
+from fmn.forgetting.presets import patched  # noqa: E402
 from fmn.toy import COLORS, SHAPES, PromptSpec, generate, load_classifier, load_default_pipeline  # noqa: E402
 from fmn.toy.classifier import SHAPE_CLASSES  # noqa: E402
 

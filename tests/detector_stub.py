@@ -1,4 +1,4 @@
-"""A stand-in for a user's NSFW detector (tests/test_presets.py): records every call, scores each image
+"""A stand-in for a user's NSFW detector (tests/forgetting/test_presets.py): records every call, scores each image
 by its mean brightness (a number in [0, 1] that depends on the image)."""
 import numpy as np
 

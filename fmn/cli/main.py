@@ -193,7 +193,7 @@ def cmd_forget(a):
             raise CLIError(f"--images {a.images}: {'no such folder' if not images.exists() else 'not a folder'}")
     else:
         images = None
-    from fmn.presets import load_detector, resolve
+    from fmn.forgetting.presets import load_detector, resolve
     try:  # --preset: its phrases and templates (refused without --images if it needs them); --eval-detector
         a.concept, a.template = resolve(a.preset, a.concept, a.template, a.images, a.loss)
         detector = load_detector(a.eval_detector) if a.eval_detector else None
@@ -242,7 +242,7 @@ def cmd_forget(a):
         patch = compress(patch, rank=a.patch_rank, rel_error=a.patch_rel_error)
         patch.validate()
     if detector is not None:  # before the grid, which leaves the pipeline patched
-        from fmn.presets import detector_report
+        from fmn.forgetting.presets import detector_report
         patch.summary["detector"] = detector_report(
             pipe, patch, [t.format(c) for c in a.concept for t in templates(opts.template)], detector,
             n=a.eval_images, steps=opts.gen_steps, guidance_scale=opts.guidance_scale, seed=a.seed,
@@ -260,7 +260,7 @@ def cmd_forget(a):
     if not a.quiet:
         print(format_summary(patch, a.out))
         if detector is not None:
-            from fmn.presets import format_report
+            from fmn.forgetting.presets import format_report
             print(format_report(patch.summary["detector"]))
         if a.grid:
             print(f"grid          {a.grid}: rows {prompts}, 4 seeds base | 4 seeds patched")

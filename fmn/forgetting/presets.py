@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fmn.options import templates as checked_templates
+from fmn.forgetting.options import templates as checked_templates
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def scores_of(detector, images) -> list[float]:
 @contextmanager
 def patched(pipe, patch):
     """The pipeline with `patch` applied inside the block, its weights as before after it."""
-    from fmn.patch import get_tensor
+    from fmn.patches.patch import get_tensor
     saved = {n: get_tensor(pipe, n).detach().clone() for n in patch.changes()}
     patch.apply(pipe, check=False)
     try:

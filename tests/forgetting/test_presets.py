@@ -7,13 +7,13 @@ import pytest
 from PIL import Image
 
 import detector_stub
-from fmn import references
-from fmn.cli import main
-from fmn.concepts import check_concepts
-from fmn.patch import load_patch
-from fmn.presets import load_detector, load_preset, preset_names, resolve
-from fmn.spans import concept_token_mask
-from fmn.tokenizer import clip_tokenizer
+from fmn.forgetting import references
+from fmn.cli.main import main
+from fmn.forgetting.concepts import check_concepts
+from fmn.patches.patch import load_patch
+from fmn.forgetting.presets import load_detector, load_preset, preset_names, resolve
+from fmn.processors.spans import concept_token_mask
+from fmn.processors.tokenizer import clip_tokenizer
 
 from helpers import FAST_CLI
 

@@ -5,9 +5,9 @@ import copy
 
 import torch
 
-from fmn.cli import main
+from fmn.cli.main import main
 from fmn.families import family_for
-from fmn.patch import load_patch
+from fmn.patches.patch import load_patch
 from fmn.toy import SHAPES
 
 
