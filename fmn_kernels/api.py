@@ -8,6 +8,11 @@ from .utils import triton_interpreting
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 BACKENDS = ("auto", "triton", "cpu", "reference")
+# backend="auto" is decided from these two, read once, here at import: finding the native library reads
+# the file system, which torch.compile(fullgraph=True) cannot trace, so a call reads plain attributes.
+# (TRITON_INTERPRET=1 has to be set before triton's import anyway.) Tests change them with monkeypatch.
+TRITON_INTERPRETING = triton_interpreting()
+CPU_AUTO_BACKEND = auto_cpu_backend()  # "cpu" (native kernels), or "reference" with a warning
 
 
 def check_backend(backend) -> str:
@@ -91,14 +96,14 @@ def cross_attention(q, k, v, *, scale=None, concept_weights=None, zero_mask=None
         scale = q.shape[-1] ** -0.5
     scale = float(scale)
     if backend == "auto":
-        backend = "triton" if (q.is_cuda or triton_interpreting()) else (
-            auto_cpu_backend() if q.dtype in _DTYPES else "reference")
+        backend = "triton" if (q.is_cuda or TRITON_INTERPRETING) else (
+            CPU_AUTO_BACKEND if q.dtype in _DTYPES else "reference")
     if backend == "cpu":
         return concept_attention_cpu(q, k, v, scale, concept_weights, zero_mask, key_mask)
     if backend == "reference":
         return concept_attention_reference(q, k, v, scale, concept_weights, zero_mask, key_mask,
                                            upcast=True)
-    if not (q.is_cuda or triton_interpreting()):
+    if not (q.is_cuda or TRITON_INTERPRETING):
         raise ValueError("backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
                          f"set before triton is imported; got tensors on {q.device}")
     if q.dtype not in _DTYPES:

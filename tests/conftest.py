@@ -3,11 +3,24 @@
 TRITON_INTERPRET must be set before triton is first imported, hence here, at collection.
 """
 import os
+import signal
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The oracle's matmuls run on cuBLAS under torch.use_deterministic_algorithms(True) in some GPU tests,
+# which cuBLAS allows only with a fixed workspace (read when its first handle is made, hence here).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A time cap (`timeout`, as in scripts/gpu_check.sh) sends SIGTERM: end the session as Ctrl-C does, so that
+# pytest still reports the tests run so far (summary, durations, --junitxml).
+signal.signal(signal.SIGTERM, _interrupt)
 
 # Tiny models on 2 cores: one thread avoids oversubscription, which slows them ~100x when the
 # interpreter, torch and other test workers compete for the cores.

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+import fmn_kernels.api
 from fmn.testing import tiny_sd_pipeline
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -29,9 +30,9 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", staticmethod(tiny))
     monkeypatch.chdir(tmp_path)
     # backend "auto" as on a CPU machine outside the tests (the native kernels, else the reference): under
-    # Triton's interpreter, which tests/conftest.py turns on, the example's 2 x 35 steps and its 50-step
-    # generations take many minutes; the Triton kernels have their own tests
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # Triton's interpreter, which tests/conftest.py turns on (fmn_kernels.api reads it once, at import), the
+    # example's 2 x 35 steps and its 50-step generations take many minutes; the Triton kernels have their own tests
+    monkeypatch.setattr(fmn_kernels.api, "TRITON_INTERPRETING", False)
     torch.manual_seed(0)
     scope = {}
     exec(compile(block, str(README), "exec"), scope)  # noqa: S102 - the README's own code

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 LIBRARY_GLOB = "_cpu_attention*.so"
-_state = {"loaded": False, "error": None}
+DISABLE_ENV = "FMN_DISABLE_CPU_KERNELS"  # =1: act as if the library were not built (tests, troubleshooting)
 
 
 def _find_library():
@@ -25,38 +25,40 @@ def _find_library():
 
 
 def _load():
-    """Loads the library once; returns None, or why the backend is unavailable."""
-    if _state["loaded"] or _state["error"]:
-        return _state["error"]
+    """Finds and loads the library; returns None, or why the backend is unavailable.
+
+    Called once, at import: the search reads the file system, which torch.compile(fullgraph=True)
+    cannot trace, so the calls below only read LOAD_ERROR."""
+    if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
+        return f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
     path = _find_library()
     if path is None:
-        _state["error"] = ("the compiled library fmn_kernels/_cpu_attention*.so is missing (build it with "
-                           "`bash scripts/setup.sh`, or `pip install --no-build-isolation -e .` with cmake installed)")
-    elif platform.machine().lower() in ("x86_64", "amd64") and \
+        return ("the compiled library fmn_kernels/_cpu_attention*.so is missing (build it with "
+                "`bash scripts/setup.sh`, or `pip install --no-build-isolation -e .` with cmake installed)")
+    if platform.machine().lower() in ("x86_64", "amd64") and \
             torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        _state["error"] = "the compiled library needs a CPU with AVX2 and FMA"
-    else:
-        try:
-            torch.ops.load_library(path)
-            _register_python_parts()
-            _state["loaded"] = True
-        except (OSError, RuntimeError) as e:
-            _state["error"] = f"loading {path} failed: {e}"
-    return _state["error"]
+        return "the compiled library needs a CPU with AVX2 and FMA"
+    try:
+        torch.ops.load_library(path)
+        _register_python_parts()
+    except (OSError, RuntimeError) as e:
+        return f"loading {path} failed: {e}"
+    return None
 
 
 def cpu_backend_available() -> bool:
-    """True when the native CPU kernels are built and loadable on this machine."""
-    return _load() is None
+    """True when the native CPU kernels are built and loaded on this machine."""
+    return LOAD_ERROR is None
 
 
 def auto_cpu_backend() -> str:
-    """The backend `backend="auto"` uses for CPU tensors: "cpu", or "reference" with a warning."""
-    error = _load()
-    if error is None:
+    """The backend `backend="auto"` uses for CPU tensors: "cpu", or "reference" with a warning.
+
+    fmn_kernels.api calls it once, at import, so the warning is never inside a traced call."""
+    if LOAD_ERROR is None:
         return "cpu"
-    warnings.warn(f"fmn_kernels: native CPU backend unavailable ({error}); using the materialising "
-                  "reference", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"fmn_kernels: native CPU backend unavailable ({LOAD_ERROR}); backend='auto' uses the "
+                  "materialising reference for CPU tensors", RuntimeWarning, stacklevel=2)
     return "reference"
 
 
@@ -97,9 +99,8 @@ def _register_python_parts():
 
 def concept_attention_cpu(q, k, v, scale, concept_weights=None, zero_mask=None, key_mask=None):
     """CPU path of `fmn_kernels.cross_attention` (inputs checked there): (out, score or None)."""
-    error = _load()
-    if error is not None:
-        raise RuntimeError(f"backend='cpu' is unavailable: {error}")
+    if LOAD_ERROR is not None:
+        raise RuntimeError(f"backend='cpu' is unavailable: {LOAD_ERROR}")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"backend='cpu' supports float32, bfloat16 and float16 q, got {q.dtype}")
     if q.device.type != "cpu":
@@ -109,3 +110,6 @@ def concept_attention_cpu(q, k, v, scale, concept_weights=None, zero_mask=None, 
     valid = None if key_mask is None else key_mask.to(torch.float32)
     out, score, _ = torch.ops.fmn.concept_attention_cpu_fwd(q, k, v, weights, keep, valid, float(scale))
     return out, (score if weights is not None else None)
+
+
+LOAD_ERROR = _load()  # None, or why the native kernels are unavailable (at import: see _load)

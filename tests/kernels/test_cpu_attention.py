@@ -142,19 +142,23 @@ def test_ops_pass_opcheck():
 
 def test_auto_picks_cpu_without_the_interpreter(monkeypatch):
     calls = []
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(api, "TRITON_INTERPRETING", False)
     monkeypatch.setattr(api, "concept_attention_cpu", lambda *a: calls.append(a) or (a[0], None))
     cross_attention(*make_inputs(1, 1, 4, 77, 40, torch.float32))
     assert len(calls) == 1
 
 
 def test_missing_library_falls_back_or_raises(monkeypatch):
-    monkeypatch.setitem(cpu_attention._state, "loaded", False)
-    monkeypatch.setitem(cpu_attention._state, "error", "library missing (test)")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    """Without the library, auto_cpu_backend (called once, at fmn_kernels.api's import) warns and picks
+    the reference; backend='cpu' says why it cannot run."""
+    monkeypatch.setattr(cpu_attention, "LOAD_ERROR", "library missing (test)")
+    with pytest.warns(RuntimeWarning, match="uses the materialising reference"):
+        choice = cpu_attention.auto_cpu_backend()
+    assert choice == "reference"
+    monkeypatch.setattr(api, "TRITON_INTERPRETING", False)
+    monkeypatch.setattr(api, "CPU_AUTO_BACKEND", choice)
     q, k, v = make_inputs(1, 1, 4, 77, 40, torch.float32)
-    with pytest.warns(RuntimeWarning, match="using the materialising reference"):
-        out, _ = cross_attention(q, k, v)
+    out, _ = cross_attention(q, k, v)
     torch.testing.assert_close(out, reference_fn(q, k, v)[0])
     with pytest.raises(RuntimeError, match="backend='cpu' is unavailable: library missing"):
         cross_attention(q, k, v, backend="cpu")

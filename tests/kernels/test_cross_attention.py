@@ -10,12 +10,16 @@ computing in float16 (same mantissa): error within 2x of that plus the floor. Tr
 does not emulate TF32 (its dots are fp32), so on this CPU machine the TF32 test checks the TF32
 code path and host logic against the looser rule; on a GPU (scripts/gpu_check.sh) it checks TF32's
 real error.
-Tensors are made on the CPU; with CUDA present the Triton calls run on a GPU copy (compiled
-kernels), else under the interpreter (tests/conftest.py).
+Tensors are made on the CPU and moved to DEVICE (on_device) before anything is computed: with CUDA
+present the kernels, the oracle and PyTorch's same-dtype run all run on the GPU (compiled kernels,
+compared there), else on the CPU with the kernels under the interpreter (tests/conftest.py).
+The whole file is marked `gpu` (`pytest -m gpu` selects it with test_cross_attention_gpu.py and
+test_torch_compile.py): on a CUDA machine it tests the compiled kernels.
 """
 import pytest
 import torch
 
+import fmn_kernels.api
 from fmn_kernels import concept_attention_reference, cross_attention
 from fmn_kernels.ops import configs
 from fmn_kernels.ops import cross_attention as ops
@@ -24,6 +28,7 @@ from fmn_kernels.ops.cross_attention import concept_attention_triton
 from attention_checks import assert_within_rule, make_inputs, make_masks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, H, N, L, D): N not a multiple of the 64-row block, L = 1 / 77 / 154 / 300, D = 40 / 64 / 80 / 160.
@@ -49,18 +54,15 @@ def run(fn, q, k, v, dout, dscore, **masks):
     return out.detach(), None if score is None else score.detach(), grads
 
 
-def on_device(fn):
-    """Runs fn on DEVICE copies of its tensor arguments; results come back to the CPU (autograd too)."""
-    def moved(*args, **kwargs):
-        to = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        result = fn(*map(to, args), **{k: to(v) for k, v in kwargs.items()})
-        back = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
-        return tuple(map(back, result))
-    return moved
+def on_device(*tensors):
+    """The tensors (or a dict of them) on DEVICE: kernel results are compared with the oracle on the device
+    they were computed on (the oracle's upstream gradients are made on its inputs' device)."""
+    if len(tensors) == 1 and isinstance(tensors[0], dict):
+        return {name: t.to(DEVICE) for name, t in tensors[0].items()}
+    return tuple(t.to(DEVICE) for t in tensors)
 
 
 def triton_fn(split=None, long_threshold=ops.LONG_THRESHOLD):
-    @on_device
     def fn(q, k, v, scale=None, **masks):
         return concept_attention_triton(q, k, v, scale or q.shape[-1] ** -0.5, dkdv_split=split,
                                         long_threshold=long_threshold, **masks)
@@ -76,7 +78,10 @@ def reference_fn(upcast):
 def check_against_oracle(q, k, v, masks, split=None, seed=0, long_threshold=ops.LONG_THRESHOLD, use_out=True,
                          tf32=False):
     """use_out=False: the loss uses the score alone (no dO: the kernels' HAS_DO=False path).
-    tf32=True: float32 inputs with TF32 dots allowed, judged against PyTorch in float16."""
+    tf32=True: float32 inputs with TF32 dots allowed, judged against PyTorch in float16.
+    Everything runs on DEVICE (inputs moved there first)."""
+    q, k, v = on_device(q, k, v)
+    masks = on_device(masks)
     dtype = q.dtype
     g = torch.Generator().manual_seed(seed + 2)
     dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(q.device) * use_out
@@ -141,9 +146,9 @@ def test_dkdv_split_reductions(split, deterministic, L):
         first = check_against_oracle(q, k, v, masks, split=split)
         if deterministic:  # a second run on the same inputs and upstream gradients (check_against_oracle's)
             g = torch.Generator().manual_seed(2)
-            dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
-            dscore = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
-            again = run(triton_fn(split), q, k, v, dout.float(), dscore.float(), **masks)
+            dout, dscore = on_device(torch.randn(q.shape, generator=g, dtype=torch.float64),
+                                     torch.randn(q.shape[:3], generator=g, dtype=torch.float64))
+            again = run(triton_fn(split), *on_device(q, k, v), dout.float(), dscore.float(), **on_device(masks))
             for a, b in zip(first[2], again[2]):
                 assert torch.equal(a, b)
     finally:
@@ -153,12 +158,11 @@ def test_dkdv_split_reductions(split, deterministic, L):
 
 def test_empty_concepts_give_zero_score_and_plain_gradients():
     shape = (2, 2, 21, 77, 40)
-    q, k, v = make_inputs(*shape, torch.float32, seed=7)
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
-    dscore = torch.ones(q.shape[:3])
-    empty = run(triton_fn(), q, k, v, dout, dscore, concept_weights=torch.zeros(2, 77))
+    q, k, v = on_device(*make_inputs(*shape, torch.float32, seed=7))
+    dout, dscore = on_device(torch.randn(q.shape, generator=torch.Generator().manual_seed(1)), torch.ones(q.shape[:3]))
+    empty = run(triton_fn(), q, k, v, dout, dscore, concept_weights=torch.zeros(2, 77, device=DEVICE))
     plain = run(triton_fn(), q, k, v, dout, dscore)
-    assert torch.equal(empty[1], torch.zeros(q.shape[:3]))
+    assert torch.equal(empty[1], torch.zeros_like(empty[1]))
     assert plain[1] is None
     torch.testing.assert_close(empty[0], plain[0], rtol=0, atol=0)
     for a, b in zip(empty[2], plain[2]):
@@ -167,11 +171,11 @@ def test_empty_concepts_give_zero_score_and_plain_gradients():
 
 def test_zeroing_equals_attention_on_zeroed_values():
     shape = (2, 2, 30, 77, 64)
-    q, k, v = make_inputs(*shape, torch.float32, seed=8)
-    zero_mask = torch.zeros(2, 77, dtype=torch.bool)
+    q, k, v = on_device(*make_inputs(*shape, torch.float32, seed=8))
+    zero_mask = torch.zeros(2, 77, dtype=torch.bool, device=DEVICE)
     zero_mask[0, 3:5] = True
     zero_mask[1, 10] = True
-    out, _ = on_device(concept_attention_triton)(q, k, v, 64 ** -0.5, zero_mask=zero_mask)
+    out, _ = concept_attention_triton(q, k, v, 64 ** -0.5, zero_mask=zero_mask)
     v_zeroed = v.masked_fill(zero_mask[:, None, :, None], 0.0)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v_zeroed)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
@@ -179,9 +183,9 @@ def test_zeroing_equals_attention_on_zeroed_values():
 
 def test_plain_attention_matches_sdpa_with_key_mask():
     shape = (2, 3, 50, 154, 80)
-    q, k, v = make_inputs(*shape, torch.float32, seed=9)
-    key_mask = torch.rand(2, 154, generator=torch.Generator().manual_seed(0)) < 0.7
-    out, _ = on_device(concept_attention_triton)(q, k, v, 0.3, key_mask=key_mask)
+    q, k, v = on_device(*make_inputs(*shape, torch.float32, seed=9))
+    key_mask, = on_device(torch.rand(2, 154, generator=torch.Generator().manual_seed(0)) < 0.7)
+    out, _ = concept_attention_triton(q, k, v, 0.3, key_mask=key_mask)
     sdpa = lambda *t: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
         *t, attn_mask=key_mask[:, None, None, :], scale=0.3)
     # The oracle rule, not a fixed atol: over several key blocks the online softmax rounds differently.
@@ -190,11 +194,11 @@ def test_plain_attention_matches_sdpa_with_key_mask():
 
 def test_fully_masked_rows_are_zero_with_finite_gradients():
     shape = (2, 1, 17, 77, 64)
-    q, k, v = make_inputs(*shape, torch.float16, seed=10)
-    key_mask = torch.ones(2, 77, dtype=torch.bool)
+    q, k, v = on_device(*make_inputs(*shape, torch.float16, seed=10))
+    key_mask = torch.ones(2, 77, dtype=torch.bool, device=DEVICE)
     key_mask[1] = False
-    weights = torch.ones(2, 77)
-    out, score, grads = run(triton_fn(), q, k, v, torch.ones(q.shape), torch.ones(q.shape[:3]),
+    weights = torch.ones(2, 77, device=DEVICE)
+    out, score, grads = run(triton_fn(), q, k, v, *on_device(torch.ones(q.shape), torch.ones(q.shape[:3])),
                             concept_weights=weights, key_mask=key_mask)
     assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(score[1], torch.zeros_like(score[1]))
     assert all(torch.isfinite(gr).all() for gr in grads)
@@ -202,7 +206,7 @@ def test_fully_masked_rows_are_zero_with_finite_gradients():
 
 
 def test_out_keeps_query_layout():
-    q, k, v = (t.to(DEVICE) for t in make_inputs(1, 2, 20, 77, 64, torch.float32))
+    q, k, v = on_device(*make_inputs(1, 2, 20, 77, 64, torch.float32))
     out, _ = concept_attention_triton(q, k, v, 0.125)
     assert out.stride() == q.stride()  # [B, N, H, D] in memory: diffusers' reshape stays a view
 
@@ -223,7 +227,7 @@ def test_auto_backend_on_cpu_follows_interpreter(monkeypatch):
     out_ref, _ = cross_attention(q, k, v, backend="reference")
     out_auto, _ = cross_attention(q, k, v)
     torch.testing.assert_close(out_auto, out_ref, rtol=1e-5, atol=1e-6)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(fmn_kernels.api, "TRITON_INTERPRETING", False)  # read once, at import
     with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
         cross_attention(q, k, v, backend="triton")
 
