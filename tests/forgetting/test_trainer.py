@@ -381,7 +381,7 @@ def toy_short_run():
 #   safetensors.torch.save_file({k: t.contiguous() for k, t in toy_short_run().tensors.items()}, path)
 # Same bytes as the trainer of commit 561a3fa (which pinned its sha256, recorded on another CPU family) gives
 # on that machine: the pinned figure differed by hardware alone.
-TOY_SHORT_RUN_REFERENCE = Path(__file__).parent / "data" / "toy_short_run_patch.safetensors"
+TOY_SHORT_RUN_REFERENCE = Path(__file__).resolve().parents[1] / "data" / "toy_short_run_patch.safetensors"
 # Per tensor, ||patch - reference|| / ||reference||. Another CPU family, thread count or BLAS changes the
 # float32 rounding of convolutions and sums; the patch is stored in float16 (one rounding of 4.9e-4 relative
 # per element), and Adam's first steps are lr * g / |g| elementwise, so a gradient element that rounding
