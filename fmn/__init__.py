@@ -16,6 +16,7 @@ _PUBLIC = {
     "concept_token_mask": "fmn.spans",
     # the forgetting run and patch files (fmn/trainer.py, fmn/patch.py)
     "forget": "fmn.trainer",
+    "forget_each": "fmn.batch",
     "Patch": "fmn.patch",
     "apply": "fmn.patch",
     "load_patch": "fmn.patch",

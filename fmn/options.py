@@ -70,6 +70,9 @@ class ForgetOptions:
     inplace: bool = False              # leave the trained weights in the pipeline
     offload: bool = True               # text encoders and VAE to the CPU during training (CUDA only)
     device: str | None = None          # None: accelerate's device
+    data_parallel: bool = True         # under an accelerate launch / torchrun: each process computes its part of
+                                       # every step's batch of processes x batch_size (fmn.distributed); False:
+                                       # this process trains alone (fmn.batch spreads concepts that way)
     progress: bool = True
     base_model: str | None = None      # recorded in the patch; None: pipe.name_or_path
 
@@ -140,7 +143,7 @@ class ForgetOptions:
     def record(self) -> dict:
         """The options as stored in the patch metadata."""
         d = asdict(self)
-        for k in ("progress", "device", "base_model", "inplace", "offload"):
+        for k in ("progress", "device", "base_model", "inplace", "offload", "data_parallel"):
             d.pop(k)
         return json.loads(json.dumps(d))  # tuples as lists: what a patch file gives back
 

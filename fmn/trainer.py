@@ -37,6 +37,7 @@ import time
 import torch
 
 from fmn import closed_form
+from fmn.distributed import shard_of
 from fmn.families import family_for
 from fmn.families.base import Prompts
 from fmn.inversion import invert
@@ -111,15 +112,15 @@ def closed_form_edit(family, trainable, texts, concepts, tpl, opts, parts) -> di
 
 def build_run(family, accel, opts, device, items, text, params, autocast, attention) -> Run:
     optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=tuple(opts.betas), weight_decay=opts.weight_decay)
-    model = family.denoiser
-    if accel.num_processes > 1:
-        model, optimizer = accel.prepare(model, optimizer)
+    shard = shard_of(accel, opts.data_parallel)
+    shard.same_start(params)  # every process from the main one's weights; their gradients averaged each step
     scaler = torch.amp.GradScaler(device.type, enabled=opts.precision == "fp16")
     n_train = family.timestep_count()
     lo, hi = opts.timesteps[0], min(opts.timesteps[1], n_train)
     if lo >= hi:
         raise ValueError(f"timesteps {opts.timesteps} are outside the scheduler's [0, {n_train})")
-    return Run(family, model, opts, device, items, text, optimizer, scaler, autocast, lo, hi, attention)
+    return Run(family, family.denoiser, opts, device, items, text, optimizer, scaler, autocast, lo, hi, attention,
+               shard)
 
 
 def train_and_measure(run, caches, accel, concepts, params) -> dict:
@@ -134,7 +135,8 @@ def train_and_measure(run, caches, accel, concepts, params) -> dict:
     with torch.no_grad():
         loss_before = forgetting_step(run, eval_batch)
     t_train = time.perf_counter()
-    g = torch.Generator(device="cpu").manual_seed(opts.seed + 1 + 7919 * accel.process_index)
+    # the same generator in every process: each draws the global batch and takes its part (fmn.distributed)
+    g = torch.Generator(device="cpu").manual_seed(opts.seed + 1)
     seen = train(run, caches, g, "forgetting " + ", ".join(concepts), opts.progress and accel.is_main_process)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
@@ -145,6 +147,7 @@ def train_and_measure(run, caches, accel, concepts, params) -> dict:
     if not math.isfinite(loss_after) or not all(bool(torch.isfinite(p).all()) for p in params):
         raise ForgetError("the trained weights are not finite; nothing was written. Try a lower lr.")
     return {"seconds_train": round(t_train, 4), "loss_before": loss_before, "loss_after": loss_after,
+            "processes": run.shard.world, "global_batch_size": opts.batch_size * run.shard.world,
             "losses": seen["forget"],
             "retain_loss_after": after.get("retain"), "retain_losses": seen["retain"] or None,
             "anchor_loss_after": after.get("anchor"), "anchor_losses": seen["anchor"] or None}
@@ -161,10 +164,7 @@ def train_steps(family, accel, opts, device, refs, texts, trainable, autocast, h
         caches["retain"] = retain_cache(run, texts["retain"], refs.retain)
     if "anchor" in texts:
         caches["anchor"] = anchor_cache(run, texts["anchor"], refs.anchor)
-    figures = train_and_measure(run, caches, accel, concepts, trainable.params)
-    if accel.num_processes > 1:
-        run.model = accel.unwrap_model(run.model, keep_fp32_wrapper=False)
-    return figures
+    return train_and_measure(run, caches, accel, concepts, trainable.params)
 
 
 def forget(pipe, concepts, images=None, **options) -> Patch:
@@ -250,8 +250,6 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
             handle.remove()
         trainable.restore(keep=ok and opts.inplace)
         state.restore()
-        if accel.num_processes > 1:
-            accel.free_memory()
 
 
 __all__ = ["forget", "ForgetOptions", "ForgetError", "templates"]
