@@ -155,8 +155,7 @@ def check_groups(pipe, groups, options) -> None:
 
 
 # ----------------------------------------------------------------------------- all groups
-def forget_each(pipe, concepts, out_dir, images=None, *, force=False, patch_rank=None, patch_rel_error=None,
-                report=None, **options) -> dict:
+def forget_each(pipe, concepts, out_dir, images=None, **kwargs) -> dict:
     """Forgets each item of `concepts` (a phrase, or a list of phrases forgotten together) alone, into
     out_dir/<slug>.safetensors; returns the summary also written to out_dir/summary.json.
 
@@ -167,6 +166,13 @@ def forget_each(pipe, concepts, out_dir, images=None, *, force=False, patch_rank
     (fmn.compress). report(record): called in the process that ran a group, when it is done.
     **options: as fmn.forget's, over the model's defaults for each group.
     """
+    return run_each(lambda: pipe, concepts, out_dir, images, **kwargs)
+
+
+def run_each(load, concepts, out_dir, images=None, *, force=False, patch_rank=None, patch_rel_error=None,
+             report=None, **options) -> dict:
+    """forget_each with the pipeline from load(), called only if this process has a group to run (a
+    resume with every patch there loads nothing)."""
     from fmn.distributed import broadcast, gather, side_group
     from fmn.patch import atomic_write
     from fmn.runtime import accelerator
@@ -175,7 +181,6 @@ def forget_each(pipe, concepts, out_dir, images=None, *, force=False, patch_rank
     names = patch_names(groups)
     if patch_rank is not None and patch_rel_error is not None:
         raise ValueError("patch_rank and patch_rel_error: give one of them, not both")
-    check_groups(pipe, groups, options)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"out_dir {out_dir} is not a folder")
@@ -187,6 +192,9 @@ def forget_each(pipe, concepts, out_dir, images=None, *, force=False, patch_rank
     skipped = broadcast(skipped, channel)
     pending = [i for i in range(len(groups)) if i not in skipped]
     mine = {}
+    if pending[rank::world]:
+        pipe = load()
+        check_groups(pipe, [groups[i] for i in pending], options)
     for i in pending[rank::world]:
         mine[i] = run_group(pipe, groups[i], out_dir / names[i], images, rank,
                             {"rank": patch_rank, "rel_error": patch_rel_error}, options)
@@ -240,38 +248,43 @@ def report_line(world):
 
 
 # ----------------------------------------------------------------------------- the command line
-def cmd_forget_each(a) -> int:
-    """`fmn forget --concepts-file FILE --out-dir DIR [options]`: exit 0 if every group is done or
-    skipped, 1 if any failed (named on stderr by the main process)."""
-    from fmn.cli import CLIError, given_options, load_pipeline
+def cmd_forget_each(a, given: dict, load_pipeline) -> int:
+    """`fmn forget --concepts-file FILE --out-dir DIR [options]` (a: fmn.cli's arguments, given: the
+    options it set, load_pipeline(): the model): exit 0 if every group is done or skipped, 1 if any
+    failed (named on stderr by the main process); bad input is a ValueError (fmn.cli: exit 2)."""
     from fmn.concepts import check_concepts
     from fmn.options import ForgetError
     from fmn.outputs import check_output
     from fmn.runtime import accelerator
     if a.concepts_file is None or a.out_dir is None:
-        raise CLIError("--concepts-file and --out-dir go together (one patch per line of the file, in the folder)")
+        raise ValueError("--concepts-file and --out-dir go together (one patch per line of the file, in the folder)")
     for flag, value in (("--concept", a.concept), ("--out", a.out), ("--grid", a.grid),
                         ("--grid-prompt", a.grid_prompt)):
         if value:
-            raise CLIError(f"{flag} does not go with --concepts-file (each group's patch goes to --out-dir)")
+            raise ValueError(f"{flag} does not go with --concepts-file (each group's patch goes to --out-dir)")
     if a.patch_rank and a.patch_rel_error:
-        raise CLIError("--patch-rank and --patch-rel-error: give one of them, not both")
+        raise ValueError("--patch-rank and --patch-rel-error: give one of them, not both")
     groups = read_concepts_file(a.concepts_file)
     patch_names(groups)
     check_output(a.out_dir, True, folder=True, what="--out-dir")
     if a.images is not None and not Path(a.images).is_dir():
-        raise CLIError(f"--images {a.images}: {'no such folder' if not Path(a.images).exists() else 'not a folder'}")
-    pipe = load_pipeline(a.model, a.precision, for_training=True, device=a.device)
+        raise ValueError(f"--images {a.images}: {'no such folder' if not Path(a.images).exists() else 'not a folder'}")
     accel = accelerator()
-    messages = check_concepts(pipe, [c for g in groups for c in g])
-    if messages and a.strict:
-        raise CLIError(messages[0] + (f" (and {len(messages) - 1} more)" if len(messages) > 1 else "") + " (--strict)")
-    if accel.is_main_process:
-        for msg in messages:
-            print(f"fmn: warning: {msg}", file=sys.stderr)
-    summary = forget_each(pipe, groups, a.out_dir, a.images, force=a.force, patch_rank=a.patch_rank,
+
+    def load():  # only if this process has a group to run: a resume with all patches there loads nothing
+        pipe = load_pipeline()
+        messages = check_concepts(pipe, [c for g in groups for c in g])
+        if messages and a.strict:
+            raise ValueError(messages[0] + (f" (and {len(messages) - 1} more)" if len(messages) > 1 else "")
+                           + " (--strict)")
+        if accel.is_main_process:
+            for msg in messages:
+                print(f"fmn: warning: {msg}", file=sys.stderr)
+        return pipe
+
+    summary = run_each(load, groups, a.out_dir, a.images, force=a.force, patch_rank=a.patch_rank,
                           patch_rel_error=a.patch_rel_error,
-                          report=None if a.quiet else report_line(accel.num_processes), **given_options(a))
+                          report=None if a.quiet else report_line(accel.num_processes), **given)
     if not accel.is_main_process:
         return 1 if summary["failed"] else 0
     if not a.quiet:

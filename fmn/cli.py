@@ -209,7 +209,8 @@ def cmd_forget(a):
     from fmn.trainer import forget
     if a.concepts_file is not None or a.out_dir is not None:  # many concepts, one patch each
         from fmn.batch import cmd_forget_each
-        return cmd_forget_each(a)
+        return cmd_forget_each(a, given_options(a),
+                               lambda: load_pipeline(a.model, a.precision, for_training=True, device=a.device))
     if not a.concept or not a.out:
         raise CLIError("forget needs --concept and --out (or --concepts-file and --out-dir)")
     _outputs(a, "out", "grid")

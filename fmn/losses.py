@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -42,7 +42,7 @@ class Run:
     lo: int
     hi: int
     attention: AttentionContext     # read by the fused processors the family installed
-    shard: Shard = Shard()
+    shard: Shard = field(default_factory=Shard)
 
 
 @dataclass
@@ -117,7 +117,10 @@ def global_loss(run: Run, batch: Batch, x_t, out, recorded, shard: Shard):
     return value, surrogate
 
 
-def forgetting_step(run: Run, batch: Batch, backward: bool = False, shard: Shard = Shard()) -> float:
+ONE_PROCESS = Shard()
+
+
+def forgetting_step(run: Run, batch: Batch, backward: bool = False, shard: Shard = ONE_PROCESS) -> float:
     """The attention and/or visual loss on `batch`; with backward=True also its gradients, inside
     the same attention context (gradient checkpointing recomputes the forward during backward,
     which must record the same tensors). With a shard of several processes, `batch` is this
