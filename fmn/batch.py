@@ -283,8 +283,8 @@ def cmd_forget_each(a, given: dict, load_pipeline) -> int:
         return pipe
 
     summary = run_each(load, groups, a.out_dir, a.images, force=a.force, patch_rank=a.patch_rank,
-                          patch_rel_error=a.patch_rel_error,
-                          report=None if a.quiet else report_line(accel.num_processes), **given)
+                       patch_rel_error=a.patch_rel_error,
+                       report=None if a.quiet else report_line(accel.num_processes), **given)
     if not accel.is_main_process:
         return 1 if summary["failed"] else 0
     if not a.quiet:
