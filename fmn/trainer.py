@@ -18,7 +18,9 @@ and Patch.from_trained. Steps:
    the paper, each on a cache of (noisy latent, timestep, prompt) -> base UNet output made before the
    first step: `retain` (the retained phrases' outputs held to the base's) and `anchor` (Concept
    Ablation, Kumari et al. 2023: on noisy images of the anchor, the concept's prompts are pulled to the
-   base's outputs for the same prompts with the anchor in the concept's place);
+   base's outputs for the same prompts with the anchor in the concept's place); under an accelerate
+   launch or torchrun, each step's batch of processes x batch_size split over the processes, its loss
+   the global batch's and the gradients averaged (fmn.distributed; data_parallel=False: alone);
 5. with closed_form, after the steps: the anchor edit solved in closed form on the layers that read the
    text, on their weights as trained (fmn.closed_form, UCE; no images needed unless steps or inversion
    ask for them);
