@@ -22,16 +22,18 @@ from fmn.patch import load_patch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = str(Path(__file__).with_name("dist_entry.py"))  # fmn's CLI with test-only failure hooks and a write log
-# the fastest training run of the toy model: 3 steps, 2 reference images of 2 steps; fp32 deltas (no fp16 rounding)
-TRAIN = ["--no-closed-form", "--steps", "3", "--gen-steps", "2", "--n-images", "2", "--backend", "reference",
-         "--patch-dtype", "fp32", "-q"]
+# the fastest training run of the toy model: 3 steps, 2 reference images of 2 steps, 4 cached retain / anchor
+# samples; fp32 deltas (no fp16 rounding)
+TRAIN = ["--no-closed-form", "--steps", "3", "--gen-steps", "2", "--n-images", "2", "--retain-samples", "4",
+         "--backend", "reference", "--patch-dtype", "fp32", "-q"]
 # Data parallel changes only the order of floating-point sums (the loss's sum over samples, the gradient
-# average), so the two patches differ by rounding carried through 3 AdamW steps. Measured on the toy
-# (2-core x86): at most 3.0e-5 relative (Frobenius, per tensor) between 2 x 1 and 1 x 2, and up to 7.7e-5
-# between two 1 x 2 runs that differ only in their thread count (1 vs 2: the same kind of reordering).
-# TOL is 13x the latter; a change of the math (batch 1 instead of 2, per-process noise or timesteps, a
-# per-process sqrt in the loss) moves the patch by O(1) relative, checked below.
-TOL = 1e-3
+# average), so the two patches differ by rounding carried through 3 AdamW steps (largest where a gradient is
+# near AdamW's eps). Measured with TRAIN on the toy (2-core x86): at most 1.2e-4 relative (Frobenius, per
+# tensor) between 2 x 1 and 1 x 2, and up to 1.1e-4 between two 1 x 2 runs that differ only in their thread
+# count (1 vs 2: the same kind of reordering). TOL is 16x that, for other CPUs' roundings; a change of the
+# math (batch 1 instead of 2: >= 0.31 on every tensor; per-process noise or timesteps; a per-process sqrt in
+# the attention loss) moves the patch by O(0.1-1) relative, and the first of these is checked below.
+TOL = 2e-3
 
 
 def launch(args, *, accelerate=False, env=(), timeout=300):
@@ -77,7 +79,7 @@ def test_two_processes_give_the_one_process_patch(tmp_path):
     assert main(["forget", "--concept", "circle", *TRAIN, "--batch-size", "1", "--out", str(one)]) == 0
     dp, single, small = load_patch(out), load_patch(two), load_patch(one)
     assert max(rel_errors(dp, single).values()) <= TOL
-    assert min(rel_errors(small, single).values()) > 100 * TOL
+    assert min(rel_errors(small, single).values()) > 50 * TOL
     assert dp.summary["processes"] == 2 and dp.summary["global_batch_size"] == 2
     torch.testing.assert_close(torch.tensor(dp.summary["losses"]), torch.tensor(single.summary["losses"]),
                                rtol=TOL, atol=0)
