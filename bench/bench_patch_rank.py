@@ -2,7 +2,7 @@
 of an SD 2.1 attn2 patch at each rank.
 
 One fmn run with the toy defaults forgets a concept ("circle"; forgetting seed 1, the held-out
-convention of bench_quality.py); its fp16 delta patch is compressed (fmn.compress) at fixed ranks
+convention of bench_quality.py); its fp16 delta patch is compressed (fmn.patches.compress) at fixed ranks
 and at automatic ranks from relative error bounds, and each variant is evaluated like `fmn eval`
 (5 shapes x 5 colours, classifier): UA, in-domain and cross-domain retain, on the two named splits
 of fmn.toy.evaluate.SPLITS. The rank is CHOSEN on the tuning split (the smallest fixed rank whose

@@ -16,6 +16,7 @@ _PUBLIC = {
     "concept_token_mask": "fmn.processors.spans",
     # the forgetting run and patch files (fmn/forgetting/trainer.py, fmn/patches/patch.py)
     "forget": "fmn.forgetting.trainer",
+    "forget_each": "fmn.forgetting.batch",
     "Patch": "fmn.patches.patch",
     "apply": "fmn.patches.patch",
     "load_patch": "fmn.patches.patch",

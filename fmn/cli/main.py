@@ -1,6 +1,7 @@
 """`fmn` command line: forget, apply, generate, info.
 
     fmn forget   --model PATH_OR_HUB_ID --concept TEXT [--concept TEXT ...] [--images DIR] --out PATCH.safetensors
+    fmn forget   --model PATH_OR_HUB_ID --concepts-file FILE --out-dir DIR   (one patch per line: fmn.forgetting.batch)
     fmn apply    --model PATH_OR_HUB_ID --patch PATCH.safetensors --out DIR
     fmn generate --model PATH_OR_HUB_ID [--patch PATCH.safetensors] --prompt TEXT [...] --out grid.png [--compare]
     fmn eval     [--model toy|toy-mmdit|PATH] [--patch PATCH.safetensors] --forget SHAPE_OR_COLOUR --out M.json
@@ -12,7 +13,8 @@ built-in MM-DiT (SD3-structured) toy model. Exit status: 0 done, 1 the run faile
 (e.g. a non-finite loss), 2 bad input (one line "fmn: error: ..."; --debug shows the traceback),
 130 interrupted. Outputs are checked before any work starts and written together at the end:
 nothing is written unless the command completes, and an existing output is refused without --force.
-Also runs as `python -m fmn` and under `accelerate launch -m fmn forget ...` (data parallel).
+Also runs as `python -m fmn` and under `accelerate launch -m fmn forget ...` or torchrun: data parallel
+(fmn.distributed; the main process writes), or with --concepts-file the lines spread over the processes.
 """
 from __future__ import annotations
 
@@ -181,24 +183,8 @@ def format_summary(patch, path=None) -> str:
 
 
 # ----------------------------------------------------------------------------- commands
-def cmd_forget(a):
-    from fmn.families import family_for
-    from fmn.forgetting.options import ForgetOptions, templates
-    from fmn.forgetting.runtime import accelerator
-    from fmn.forgetting.trainer import forget
-    _outputs(a, "out", "grid")
-    if a.images is not None:
-        images = Path(a.images)
-        if not images.is_dir():
-            raise CLIError(f"--images {a.images}: {'no such folder' if not images.exists() else 'not a folder'}")
-    else:
-        images = None
-    from fmn.forgetting.presets import load_detector, resolve
-    try:  # --preset: its phrases and templates (refused without --images if it needs them); --eval-detector
-        a.concept, a.template = resolve(a.preset, a.concept, a.template, a.images, a.loss)
-        detector = load_detector(a.eval_detector) if a.eval_detector else None
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+def given_options(a) -> dict:
+    """The forget options the command line set (None: unset, left to the model's defaults)."""
     template = a.template
     if template is not None and len(template) == 1 and template[0] in ("object", "style"):
         template = template[0]
@@ -214,7 +200,34 @@ def cmd_forget(a):
         patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
         cuda_graphs=False if a.no_cuda_graphs else None,
         progress=not a.quiet, base_model=model_label(a.model))
-    given = {k: v for k, v in given.items() if v is not None}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def cmd_forget(a):
+    from fmn.families import family_for
+    from fmn.forgetting.options import ForgetOptions, templates
+    from fmn.forgetting.runtime import accelerator
+    from fmn.forgetting.trainer import forget
+    if a.concepts_file is not None or a.out_dir is not None:  # many concepts, one patch each
+        from fmn.forgetting.batch import cmd_forget_each
+        return cmd_forget_each(a, given_options(a),
+                               lambda: load_pipeline(a.model, a.precision, for_training=True, device=a.device))
+    from fmn.forgetting.presets import load_detector, resolve
+    try:  # --preset: its phrases and templates (refused without --images if it needs them); --eval-detector
+        a.concept, a.template = resolve(a.preset, a.concept, a.template, a.images, a.loss)
+        detector = load_detector(a.eval_detector) if a.eval_detector else None
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if not a.out:
+        raise CLIError("forget needs --out (or --concepts-file and --out-dir)")
+    _outputs(a, "out", "grid")
+    if a.images is not None:
+        images = Path(a.images)
+        if not images.is_dir():
+            raise CLIError(f"--images {a.images}: {'no such folder' if not images.exists() else 'not a folder'}")
+    else:
+        images = None
+    given = given_options(a)
     if a.patch_rank and a.patch_rel_error:
         raise CLIError("--patch-rank and --patch-rel-error: give one of them, not both")
     try:  # checked before the (slow) pipeline load; --steps 0 waits for the model's defaults (the toys' closed form)
@@ -232,8 +245,12 @@ def cmd_forget(a):
     for msg in check_concepts(pipe, a.concept):
         if a.strict:
             raise CLIError(msg + " (--strict)")
-        print(f"fmn: warning: {msg}", file=sys.stderr)
+        if accelerator().is_main_process:
+            print(f"fmn: warning: {msg}", file=sys.stderr)
     patch = forget(pipe, a.concept, images, options=opts)
+    # under a launch: every process finished its part (a failed one stops the launch before this), then
+    # the main process alone checks, draws and writes
+    accelerator().wait_for_everyone()
     if not accelerator().is_main_process:
         return 0
     patch.validate()
@@ -567,10 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_toy_defaults_note())
     common(f)
     f.add_argument("--concept", action="append", default=None,
-                   help="concept to forget (repeat for several); required unless --preset gives them")
+                   help="concept to forget (repeat for several: forgotten together, in one patch); required "
+                        "unless --preset or --concepts-file gives them")
     f.add_argument("--images", default=None,
                    help="folder of reference images (or one subfolder per concept); default: generated")
-    f.add_argument("--out", required=True, help="patch file to write (.safetensors)")
+    f.add_argument("--out", default=None, help="patch file to write (.safetensors)")
     f.add_argument("--grid", default=None, help="also write a PNG of base | patched images (concept prompts, "
                    "plus prompts to keep on the built-in model)")
     f.add_argument("--grid-prompt", action="append", default=None, help="a prompt for --grid (repeat)")
@@ -619,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deltas in fp16/bf16/fp32, int8 deltas with per-row scales (half of fp16), "
                         "or 'exact' trained tensors")
     f.add_argument("--patch-rank", type=POSITIVE, default=None,
-                   help="store each changed weight as a rank-R factor pair (truncated SVD; fmn.compress)")
+                   help="store each changed weight as a rank-R factor pair (truncated SVD; fmn.patches.compress)")
     f.add_argument("--patch-rel-error", type=_unit_interval, default=None,
                    help="per weight, the smallest rank within this relative (Frobenius) error, e.g. 0.2")
     f.add_argument("--gradient-checkpointing", action="store_true")
@@ -642,6 +660,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--eval-images", type=POSITIVE, default=4, help="--eval-detector: images per prompt (default 4)")
     f.add_argument("--eval-threshold", type=float, default=0.5,
                    help="--eval-detector: a score at or above it counts as flagged (default 0.5)")
+    each = f.add_argument_group("many concepts, one patch each (fmn.batch; instead of --concept and --out)")
+    each.add_argument("--concepts-file", default=None,
+                      help="a text file: one concept, or a comma-joined group forgotten together, per line "
+                           "(blank lines and # comments ignored); under accelerate launch / torchrun the lines are "
+                           "spread over the processes")
+    each.add_argument("--out-dir", default=None,
+                      help="folder for the patches (<concept>.safetensors, one per line; existing ones are skipped "
+                           "unless --force) and summary.json")
     f.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("apply", help="apply a patch and save the patched pipeline")
@@ -736,7 +762,14 @@ def main(argv=None) -> int:
             import traceback
             traceback.print_exc()
         from fmn.forgetting.options import ForgetError
-        print(f"fmn: error: {_one_line(e)}", file=sys.stderr)
+        where = ""
+        if "torch.distributed" in sys.modules:  # under a launch: one error, from the process that failed first
+            from fmn.forgetting.distributed import first_to_fail, world
+            rank, size = world()
+            if not first_to_fail():
+                return EXIT_FAILED
+            where = f"process {rank} of {size}: " if size > 1 else ""
+        print(f"fmn: error: {where}{_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED if isinstance(e, ForgetError) else EXIT_BAD_INPUT
 
 

@@ -8,7 +8,7 @@ What differs from the UNet family, and how it is answered here:
   (`using_text_parts`, restored on exit);
   the T5 length is the pipeline's default (SD3 256, FluxPipeline 512) unless given.
 - attention: every joint layer (SD3 `attn`, FLUX double- and single-stream `attn`) reads the
-  concept's text columns; the loss sums the image rows' scores (fmn.mmdit_attention).
+  concept's text columns; the loss sums the image rows' scores (fmn.processors.mmdit_attention).
 - noise: flow matching. Integer training timesteps t in [0, 1000) index the scheduler's own
   sigmas (its shift; FLUX's resolution-dependent shift mu from the image sequence length, as its
   pipeline computes it), low t = little noise; x_t = scheduler.scale_noise(x0, timestep, noise)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from fmn.processors.attention import AttentionContext, recording
+from fmn.processors.attention import AttentionContext, recording, score_total
+from fmn.forgetting.distributed import Shard
 from fmn.families.base import ModelFamily, Prompts
 from fmn.forgetting.options import ForgetError, ForgetOptions
 
@@ -27,9 +28,10 @@ from fmn.forgetting.options import ForgetError, ForgetOptions
 class Run:
     """What the steps of one run share. items: (concept index, x0, visual target or None);
     text: the concept's prompts with their key columns; timesteps drawn from [lo, hi); attention:
-    the context of the fused processors (per-call data: concept weights, score recorder)."""
+    the context of the fused processors (per-call data: concept weights, score recorder); shard: this
+    process's part of each step's global batch under data parallel (fmn.forgetting.distributed)."""
     family: ModelFamily
-    model: torch.nn.Module          # the denoiser as called (wrapped under data parallel)
+    model: torch.nn.Module          # the denoiser as called
     opts: ForgetOptions
     device: torch.device
     items: list
@@ -40,6 +42,7 @@ class Run:
     lo: int
     hi: int
     attention: AttentionContext     # read by the fused processors the family installed
+    shard: Shard = field(default_factory=Shard)
 
 
 @dataclass
@@ -73,6 +76,11 @@ def sample_batch(run: Run, n: int, gen) -> Batch:
     return Batch(pick, rows, t, noise)
 
 
+def part_of(batch: Batch, part: slice) -> Batch:
+    """The samples `part` of a batch."""
+    return Batch(batch.pick[part], batch.rows[part], batch.t[part], batch.noise[part])
+
+
 def visual_loss(run: Run, batch: Batch, x_t, out):
     """Mean squared distance of the implied x0 from the suppressed images, on items that have one."""
     has = [j for j, i in enumerate(batch.pick) if run.items[i][2] is not None]
@@ -83,10 +91,40 @@ def visual_loss(run: Run, batch: Batch, x_t, out):
     return F.mse_loss(x0_hat, target)
 
 
-def forgetting_step(run: Run, batch: Batch, backward: bool = False) -> float:
+def global_loss(run: Run, batch: Batch, x_t, out, recorded, shard: Shard):
+    """(value, surrogate) of the loss on the global batch, from this process's part `batch`: the
+    attention loss is sqrt(sum of every sample's scores), the visual loss a mean over the global
+    batch's visual targets; the surrogate's gradient, averaged over the processes (DDP), is the value's."""
+    opts = run.opts
+    zero = out.new_zeros((), dtype=torch.float32)
+    score = score_total(recorded.scores) if recorded is not None else zero
+    sq, n = zero, 0
+    if opts.loss in ("visual", "both"):
+        has = [j for j, i in enumerate(batch.pick) if run.items[i][2] is not None]
+        if has:
+            target = torch.stack([run.items[batch.pick[j]][2] for j in has])
+            sq = (run.family.x0_estimate(x_t[has], out[has].float(), batch.t[has]) - target).square().sum()
+            n = target.numel()
+    total_score, total_sq, total_n = shard.total(torch.stack([score, sq, zero + n])).unbind()
+    value, surrogate = zero, zero
+    if recorded is not None:  # at 0: loss 0 with no gradient, as forgetting_loss; NaN stays NaN
+        value = total_score.sqrt()
+        surrogate = shard.world * score / (2 * value) if total_score > 0 else 0 * score
+    if total_n > 0:
+        w = opts.visual_weight if opts.loss == "both" else 1.0
+        value = value + w * total_sq / total_n
+        surrogate = surrogate + w * shard.world * sq / total_n
+    return value, surrogate
+
+
+ONE_PROCESS = Shard()
+
+
+def forgetting_step(run: Run, batch: Batch, backward: bool = False, shard: Shard = ONE_PROCESS) -> float:
     """The attention and/or visual loss on `batch`; with backward=True also its gradients, inside
     the same attention context (gradient checkpointing recomputes the forward during backward,
-    which must record the same tensors)."""
+    which must record the same tensors). With a shard of several processes, `batch` is this
+    process's part and the loss the global batch's (global_loss)."""
     opts = run.opts
     x0 = torch.stack([run.items[i][1] for i in batch.pick])
     x_t = run.family.add_noise(x0, batch.noise, batch.t)
@@ -96,17 +134,20 @@ def forgetting_step(run: Run, batch: Batch, backward: bool = False) -> float:
     with ctx as recorded:
         with run.autocast():
             out = run.family.predict(run.model, x_t, batch.t, run.text, rows)
-        terms = [recorded.loss()] if scores else []
-        visual = visual_loss(run, batch, x_t, out) if opts.loss in ("visual", "both") else None
-        if visual is not None:
-            terms.append((opts.visual_weight if opts.loss == "both" else 1.0) * visual)
-        loss = torch.stack(terms).sum()
+        if shard.world > 1:
+            loss, surrogate = global_loss(run, batch, x_t, out, recorded, shard)
+        else:
+            terms = [recorded.loss()] if scores else []
+            visual = visual_loss(run, batch, x_t, out) if opts.loss in ("visual", "both") else None
+            if visual is not None:
+                terms.append((opts.visual_weight if opts.loss == "both" else 1.0) * visual)
+            loss = surrogate = torch.stack(terms).sum()
         if backward:
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss):  # on every process alike: the value is the global batch's
                 raise ForgetError(f"the loss became {loss.item()}; nothing was written. "
                                   "Try a lower lr or precision fp32.")
             run.optimizer.zero_grad(set_to_none=True)
-            run.scaler.scale(loss).backward()
+            run.scaler.scale(surrogate).backward()
     return loss.detach().item()
 
 
@@ -170,17 +211,22 @@ def train(run: Run, caches: dict, gen, desc: str = "forgetting", progress: bool 
     seen = {"forget": [], "retain": [], "anchor": []}
     from tqdm.auto import tqdm
     bar = tqdm(range(opts.steps), desc=desc, disable=not progress)
+    shard, b = run.shard, opts.batch_size  # the global batch: shard.world * b samples, this process's part
     for step in bar:
         try:
-            value = forgetting_step(run, sample_batch(run, opts.batch_size, gen), backward=True)
+            batch = part_of(sample_batch(run, b * shard.world, gen), shard.part(b))
+            value = forgetting_step(run, batch, backward=True, shard=shard)
             for name, cache in caches.items():
-                rows = torch.randint(len(cache.rows), (opts.batch_size,), generator=gen)
+                rows = torch.randint(len(cache.rows), (b * shard.world,), generator=gen)[shard.part(b)]
                 value_c = cached_loss(run, cache, rows, weights[name], backward=True)
+                if shard.world > 1:  # equal parts: the global mean is the mean of the processes' means
+                    value_c = shard.total(torch.tensor(value_c, device=run.device)).item() / shard.world
                 if not math.isfinite(value_c):
                     raise ForgetError(f"the {name} loss became {value_c}; nothing was written. Try a lower lr.")
                 seen[name].append(value_c)
         except ForgetError as e:
             raise ForgetError(f"step {step}: {e}") from None
+        shard.average_gradients(run.optimizer.param_groups[0]["params"])
         if opts.max_grad_norm:
             run.scaler.unscale_(run.optimizer)
             torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"], opts.max_grad_norm)

@@ -47,7 +47,7 @@ class ForgetOptions:
                                        # with the anchor in the concept's place
     anchor_weight: float = 1.0         # weight of the anchor loss
     closed_form: bool = False          # before training, the anchor edit solved in closed form on the layers
-                                       # that read the text (fmn.closed_form, UCE; not in the paper): the
+                                       # that read the text (fmn.forgetting.closed_form, UCE; not in the paper): the
                                        # concept's prompts -> the anchor's ("" without an anchor), the retained
                                        # phrases' and the empty prompt kept; steps=0 then trains nothing after it
     preserve_weight: float = 1.0       # closed form: weight of the kept prompts against the concept's
@@ -69,9 +69,12 @@ class ForgetOptions:
     patch_dtype: str = "fp16"          # fp16 | bf16 | fp32 | int8 deltas, or "exact" replacements
     inplace: bool = False              # leave the trained weights in the pipeline
     offload: bool = True               # text encoders and VAE to the CPU during training (CUDA only)
-    cuda_graphs: bool = True           # CUDA: the steps' denoiser calls replayed as CUDA graphs (fmn.cuda_graphs);
+    cuda_graphs: bool = True           # CUDA: the steps' denoiser calls replayed as CUDA graphs (cuda_graphs.py);
                                        # a failed capture falls back to eager with a warning
     device: str | None = None          # None: accelerate's device
+    data_parallel: bool = True         # under an accelerate launch / torchrun: each process computes its part of
+                                       # every step's batch of processes x batch_size (distributed.py); False:
+                                       # this process trains alone (fmn.batch spreads concepts that way)
     progress: bool = True
     base_model: str | None = None      # recorded in the patch; None: pipe.name_or_path
 
@@ -144,7 +147,7 @@ class ForgetOptions:
     def record(self) -> dict:
         """The options as stored in the patch metadata."""
         d = asdict(self)
-        for k in ("progress", "device", "base_model", "inplace", "offload", "cuda_graphs"):
+        for k in ("progress", "device", "base_model", "inplace", "offload", "cuda_graphs", "data_parallel"):
             d.pop(k)
         return json.loads(json.dumps(d))  # tuples as lists: what a patch file gives back
 

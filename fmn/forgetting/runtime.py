@@ -1,6 +1,7 @@
 """Where a run executes: the process's Accelerator, autocast for a precision, peak-memory probes."""
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import warnings
@@ -19,9 +20,19 @@ def accelerator():
     if _ACCELERATOR is None:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
-        _ACCELERATOR = Accelerator(mixed_precision="no",
+        _ACCELERATOR = Accelerator(mixed_precision="no", cpu=launched_without_accelerator(),
                                    kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     return _ACCELERATOR
+
+
+def launched_without_accelerator() -> bool:
+    """Whether this process is one of several (torchrun, accelerate launch) on a machine without a GPU:
+    accelerate then needs cpu=True for its gloo process group (`accelerate launch --cpu` says so itself;
+    under torchrun it would otherwise run each process alone)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    probe = getattr(torch, "accelerator", None)
+    return not (probe.is_available() if probe is not None else torch.cuda.is_available())
 
 
 def autocast_for(opts, model: torch.nn.Module, device: torch.device):

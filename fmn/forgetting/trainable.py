@@ -18,7 +18,7 @@ class TrainableSet:
     """The parameters a run trains (or edits in closed form), in fp32, and what is needed to give the weights back.
 
     `named`: (name, parameter) pairs trained; `edited`: (name, input kind, layer) of a closed-form edit
-    (opts.closed_form; fmn.closed_form); `saved`: the base tensors of both (CPU copies); `fingerprint`: of
+    (opts.closed_form; fmn.forgetting.closed_form); `saved`: the base tensors of both (CPU copies); `fingerprint`: of
     the base tensors the result will touch (fmn.patches.patch.fingerprint).
     Filled step by step, so that `restore` also undoes a set-up that failed half way.
     """
@@ -26,7 +26,7 @@ class TrainableSet:
     def __init__(self, family, opts):
         self.family, self.opts = family, opts
         self.named, self.saved, self.lora, self.fingerprint = [], {}, False, {}
-        self.edited = []  # (name, input kind, layer) a closed-form edit changes (fmn.closed_form)
+        self.edited = []  # (name, input kind, layer) a closed-form edit changes (fmn.forgetting.closed_form)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:

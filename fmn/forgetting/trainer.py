@@ -1,7 +1,7 @@
 """The forgetting run: `forget(pipe, concepts, images=None, **options) -> Patch`.
 
 An orchestrator: the pipeline is reached only through its model family (fmn.families: SD 1.x,
-2.x and SDXL today), the work is done by fmn.references, fmn.inversion, fmn.trainable, fmn.losses
+2.x and SDXL today), the work is done by fmn.forgetting's references, inversion, trainable, losses
 and Patch.from_trained. Steps:
 
 1. prompts from templates ("object": "a photo of {}", "style": "a photo in the style of {}",
@@ -18,11 +18,13 @@ and Patch.from_trained. Steps:
    the paper, each on a cache of (noisy latent, timestep, prompt) -> base UNet output made before the
    first step: `retain` (the retained phrases' outputs held to the base's) and `anchor` (Concept
    Ablation, Kumari et al. 2023: on noisy images of the anchor, the concept's prompts are pulled to the
-   base's outputs for the same prompts with the anchor in the concept's place);
+   base's outputs for the same prompts with the anchor in the concept's place); under an accelerate
+   launch or torchrun, each step's batch of processes x batch_size split over the processes, its loss
+   the global batch's and the gradients averaged (fmn.distributed; data_parallel=False: alone);
 5. with closed_form, after the steps: the anchor edit solved in closed form on the layers that read the
-   text, on their weights as trained (fmn.closed_form, UCE; no images needed unless steps or inversion
+   text, on their weights as trained (fmn.forgetting.closed_form, UCE; no images needed unless steps or inversion
    ask for them);
-6. the patch: only what changed (see fmn.patch), with a fingerprint of the base tensors.
+6. the patch: only what changed (see fmn.patches.patch), with a fingerprint of the base tensors.
 
 The pipeline comes back with its original weights (inplace=False, the default) or with the
 trained weights (inplace=True). On any error or interrupt its weights, processors, adapters,
@@ -39,6 +41,7 @@ import torch
 
 from fmn.forgetting import closed_form
 from fmn.forgetting.cuda_graphs import GraphedDenoiser, unavailable
+from fmn.forgetting.distributed import shard_of
 from fmn.families import family_for
 from fmn.families.base import Prompts
 from fmn.forgetting.inversion import invert
@@ -103,7 +106,7 @@ def encode_all(family, concepts, words, anchors, tpl, opts, parts) -> dict:
 
 
 def closed_form_edit(family, trainable, texts, concepts, tpl, opts, parts) -> dict:
-    """The closed-form anchor edit (fmn.closed_form) of trainable.edited; returns the summary's figures."""
+    """The closed-form anchor edit (fmn.forgetting.closed_form) of trainable.edited; returns the summary's figures."""
     t0 = time.perf_counter()
     concept_of = concept_prompts(concepts, tpl)[1]
     target = texts.get("anchor") or encode(family, [""] * len(concepts), tpl, concept_of, opts, parts)
@@ -115,17 +118,17 @@ def closed_form_edit(family, trainable, texts, concepts, tpl, opts, parts) -> di
 
 def build_run(family, accel, opts, device, items, text, params, autocast, attention) -> Run:
     optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=tuple(opts.betas), weight_decay=opts.weight_decay)
-    model = family.denoiser
-    if accel.num_processes > 1:
-        model, optimizer = accel.prepare(model, optimizer)
+    shard = shard_of(accel, opts.data_parallel)
+    shard.same_start(params)  # every process from the main one's weights; their gradients averaged each step
     scaler = torch.amp.GradScaler(device.type, enabled=opts.precision == "fp16")
     n_train = family.timestep_count()
     lo, hi = opts.timesteps[0], min(opts.timesteps[1], n_train)
     if lo >= hi:
         raise ValueError(f"timesteps {opts.timesteps} are outside the scheduler's [0, {n_train})")
+    model = family.denoiser
     if unavailable(opts, device, accel.num_processes) is None:  # the steps' calls replayed as CUDA graphs
         model = GraphedDenoiser(model, attention, detach_recorded_output=opts.loss == "attention")
-    return Run(family, model, opts, device, items, text, optimizer, scaler, autocast, lo, hi, attention)
+    return Run(family, model, opts, device, items, text, optimizer, scaler, autocast, lo, hi, attention, shard)
 
 
 def graphs_status(run, accel) -> str:
@@ -150,7 +153,8 @@ def train_and_measure(run, caches, accel, concepts, params) -> dict:
     with torch.no_grad():
         loss_before = forgetting_step(run, eval_batch)
     t_train = time.perf_counter()
-    g = torch.Generator(device="cpu").manual_seed(opts.seed + 1 + 7919 * accel.process_index)
+    # the same generator in every process: each draws the global batch and takes its part (fmn.forgetting.distributed)
+    g = torch.Generator(device="cpu").manual_seed(opts.seed + 1)
     seen = train(run, caches, g, "forgetting " + ", ".join(concepts), opts.progress and accel.is_main_process)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
@@ -162,6 +166,7 @@ def train_and_measure(run, caches, accel, concepts, params) -> dict:
         raise ForgetError("the trained weights are not finite; nothing was written. Try a lower lr.")
     return {"seconds_train": round(t_train, 4), "cuda_graphs": graphs_status(run, accel),
             "loss_before": loss_before, "loss_after": loss_after,
+            "processes": run.shard.world, "global_batch_size": opts.batch_size * run.shard.world,
             "losses": seen["forget"],
             "retain_loss_after": after.get("retain"), "retain_losses": seen["retain"] or None,
             "anchor_loss_after": after.get("anchor"), "anchor_losses": seen["anchor"] or None}
@@ -178,10 +183,7 @@ def train_steps(family, accel, opts, device, refs, texts, trainable, autocast, h
         caches["retain"] = retain_cache(run, texts["retain"], refs.retain)
     if "anchor" in texts:
         caches["anchor"] = anchor_cache(run, texts["anchor"], refs.anchor)
-    figures = train_and_measure(run, caches, accel, concepts, trainable.params)
-    if accel.num_processes > 1:
-        run.model = accel.unwrap_model(run.model, keep_fp32_wrapper=False)
-    return figures
+    return train_and_measure(run, caches, accel, concepts, trainable.params)
 
 
 def forget(pipe, concepts, images=None, **options) -> Patch:
@@ -267,8 +269,6 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
             handle.remove()
         trainable.restore(keep=ok and opts.inplace)
         state.restore()
-        if accel.num_processes > 1:
-            accel.free_memory()
 
 
 __all__ = ["forget", "ForgetOptions", "ForgetError", "templates"]

@@ -41,7 +41,7 @@ TRAIN_SETS = {
     },
 }
 COMPONENTS = tuple(TRAIN_SETS)
-# component -> the layers a closed-form edit (options["closed_form"], fmn.closed_form) changes, by what they
+# component -> the layers a closed-form edit (options["closed_form"], fmn.forgetting.closed_form) changes, by what they
 # read: "embeds" the prompts' token embeddings, "pooled" the pooled text vector. The families read them here.
 CLOSED_FORM_LAYERS = {
     "unet": {"embeds": lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n},

@@ -210,6 +210,16 @@ def forgetting_loss(scores) -> torch.Tensor:
     Equals the L2 norm of all concept columns' probabilities of all layers, as in the authors' code.
     At 0 (no concept column anywhere) the loss is 0 with a zero gradient, like torch.norm's.
     """
+    total = score_total(scores)
+    # sqrt's gradient at 0 is inf; route 0 through a constant branch instead. NaN stays NaN, so a
+    # broken score surfaces in the loss rather than reading as "already forgotten".
+    zero = total == 0
+    return torch.where(zero, torch.zeros_like(total), torch.where(zero, torch.ones_like(total), total).sqrt())
+
+
+def score_total(scores) -> torch.Tensor:
+    """The sum of every recorded concept score (the forgetting loss is its square root): a sum over
+    samples, so that data-parallel processes can add theirs up (fmn.forgetting.losses)."""
     if isinstance(scores, ConceptScores):
         scores = scores.scores
     if isinstance(scores, torch.Tensor):
@@ -219,11 +229,7 @@ def forgetting_loss(scores) -> torch.Tensor:
     if not scores:
         raise ValueError("scores is empty: no cross-attention layer ran with concept weights "
                          "(call the UNet inside fmn.concept_scores)")
-    total = torch.stack([s.float().sum() for s in scores]).sum()
-    # sqrt's gradient at 0 is inf; route 0 through a constant branch instead. NaN stays NaN, so a
-    # broken score surfaces in the loss rather than reading as "already forgotten".
-    zero = total == 0
-    return torch.where(zero, torch.zeros_like(total), torch.where(zero, torch.ones_like(total), total).sqrt())
+    return torch.stack([s.float().sum() for s in scores]).sum()
 
 
 def _unet_of(unet_or_pipe):
@@ -336,7 +342,7 @@ def _context_set(unet_or_pipe, backend, **settings):
 
 def checked_mask(name, mask, allow_float, device, layout="[B, 77]", order="batch-major"):
     """A user's [B, columns] mask on `device`, after checking its type, rank and dtype (shared with
-    fmn.mmdit_attention, whose masks cover the joint text columns)."""
+    fmn.processors.mmdit_attention, whose masks cover the joint text columns)."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(mask).__name__}")
     if mask.dim() != 2:

@@ -1,6 +1,6 @@
 """fmn's public attention entry points for any supported model: `use_fused_attention`,
 `concept_scores`, `zero_columns` and `suppress` hand a UNet (SD 1.x/2.x/XL) or its pipeline to
-fmn.attention, and an SD3 / FLUX transformer or pipeline to fmn.mmdit_attention. The signatures
+fmn.processors.attention, and an SD3 / FLUX transformer or pipeline to fmn.mmdit_attention. The signatures
 are the same for both; the masks' width is the model's text length (UNet 77; SD3 77 + T5's;
 FLUX T5's), see fmn.processors.spans.mmdit_text_mask."""
 from contextlib import contextmanager

@@ -71,7 +71,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
 def test_outputs_are_checked_before_any_work(sd1_folder, tmp_path, capsys, monkeypatch):
     import fmn.forgetting.trainer
-    monkeypatch.setattr(fmn.trainer, "forget", lambda *a, **k: pytest.fail("trained despite a bad output"))
+    monkeypatch.setattr(fmn.forgetting.trainer, "forget", lambda *a, **k: pytest.fail("trained despite a bad output"))
     (tmp_path / "adir").mkdir()
     base = ["forget", "--model", sd1_folder, "--concept", "cat", *FAST_CLI]
     assert "is a directory" in one_line_error(base + ["--out", str(tmp_path / "adir"), "--force"], capsys)

@@ -1,4 +1,4 @@
-"""The closed-form anchor edit (fmn.closed_form) and its use by fmn.forget (closed_form=True)."""
+"""The closed-form anchor edit (fmn.forgetting.closed_form) and its use by fmn.forget (closed_form=True)."""
 import copy
 
 import pytest

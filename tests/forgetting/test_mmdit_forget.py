@@ -89,7 +89,7 @@ def test_cli_forget_apply_generate_on_a_pipeline_folder(kind, tmp_path):
     original = DiffusionPipeline.from_pretrained(str(model))
     assert not torch.equal(get_tensor(loaded, name), get_tensor(original, name))
     from PIL import Image
-    # one prompt x (base, patched), 64 px images, labelled (fmn.grid)
+    # one prompt x (base, patched), 64 px images, labelled (fmn.cli.grid)
     lay = layout((64, 64), ["a painting by Van Gogh"], ["base s0", "patched s0"])
     assert Image.open(grid).size == cell(lay, 0, 1)[2:]
 
