@@ -28,6 +28,14 @@ torch.set_num_threads(1)
 
 
 import pytest  # noqa: E402
+# transformers and diffusers give their root loggers a StreamHandler on sys.stderr the first time a logger
+# is asked for; if that happens inside a test that captures stderr (capsys), the handler keeps the capture's
+# stream, which is closed afterwards ("--- Logging error ---" in later tests). Configure them here, first.
+from diffusers.utils import logging as _diffusers_logging  # noqa: E402
+from transformers.utils import logging as _transformers_logging  # noqa: E402
+
+_transformers_logging.get_logger("transformers")
+_diffusers_logging.get_logger("diffusers")
 
 from helpers import FAST_CLI  # noqa: E402
 
@@ -44,7 +52,7 @@ def sd1_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cat_patch(sd1_folder, tmp_path_factory):
     """`fmn forget --concept cat` on sd1_folder with FAST_CLI, alone in its folder; read-only for tests."""
-    from fmn.cli.main import main
+    from fmn.cli.commands import main
     out = tmp_path_factory.mktemp("patches") / "cat.safetensors"
     assert main(["forget", "--model", sd1_folder, "--concept", "cat", "--out", str(out), *FAST_CLI]) == 0
     return out

@@ -32,14 +32,14 @@ def wrap(owner, name, before):
 
 
 def install():
-    import fmn.cli.main
+    import fmn.cli.commands
     import fmn.cli.outputs
     import fmn.forgetting.losses
     import fmn.forgetting.trainer
     import fmn.patches.patch
     wrap(fmn.cli.outputs, "commit", lambda outputs, **_: [log(f"write {path}") for path, _, _ in outputs])
     wrap(fmn.patches.patch, "atomic_write", lambda path, *a, **k: log(f"write {path}"))
-    wrap(fmn.cli.main, "_compare_grid", lambda *a, **k: log("grid"))
+    wrap(fmn.cli.commands, "_compare_grid", lambda *a, **k: log("grid"))
     if os.environ.get("FMN_TEST_FAIL_RANK") == RANK:
         steps, at = [0], int(os.environ.get("FMN_TEST_FAIL_STEP", "2"))
 
@@ -58,5 +58,5 @@ def install():
 
 if __name__ == "__main__":
     install()
-    from fmn.cli.main import main
+    from fmn.cli.commands import main
     sys.exit(main())

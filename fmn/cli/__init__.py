@@ -1,4 +1,4 @@
 """The `fmn` command."""
-from fmn.cli.main import main
+from fmn.cli.commands import main
 
 __all__ = ["main"]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fmn.families import UNetFamily
-from fmn.cli.main import main
+from fmn.cli.commands import main
 from fmn.cli.grid import cell, layout
 from fmn.patches.patch import load_patch
 from fmn.testing import save_tiny_pipeline
@@ -288,7 +288,7 @@ def test_default_model_or_a_clear_error(builtin_circle, tmp_path):
 
 
 def test_forget_writes_a_low_rank_patch(sd1_folder, tmp_path):
-    from fmn.cli.main import main
+    from fmn.cli.commands import main
     out = tmp_path / "cat-r1.safetensors"
     assert main(["forget", "--model", sd1_folder, "--concept", "cat", "--out", str(out), "--patch-rank", "1",
                  *FAST_CLI]) == 0

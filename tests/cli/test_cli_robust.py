@@ -11,8 +11,8 @@ import tempfile
 import pytest
 from safetensors import safe_open
 
-import fmn.cli.main as cli
-from fmn.cli.main import main
+import fmn.cli.commands as cli
+from fmn.cli.commands import main
 
 from helpers import FAST_CLI, interrupt_on_call
 
@@ -113,7 +113,7 @@ def test_commit_is_all_or_nothing(tmp_path):
 
 
 def test_info_on_a_closed_pipe(cat_patch):
-    code = "import sys; from fmn.cli.main import main; sys.exit(main(['info', sys.argv[1], '--json']))"
+    code = "import sys; from fmn.cli.commands import main; sys.exit(main(['info', sys.argv[1], '--json']))"
     r = subprocess.run(f"{sys.executable} -c \"{code}\" {cat_patch} | head -1", shell=True, capture_output=True,
                        text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.stdout.strip() == "{" and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
@@ -202,7 +202,8 @@ def test_labelled_grid_places_images_and_labels():
         labelled_grid(images[:3], rows, cols)
 
 
-def test_forget_help_names_the_defaults_that_apply(capsys):
+def test_forget_help_names_the_defaults_that_apply(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10000")  # argparse wraps at the terminal's width, hyphenated words too
     from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS
     with pytest.raises(SystemExit) as info:
         main(["forget", "--help"])

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from fmn.cli.main import main
+from fmn.cli.commands import main
 from fmn.patches.patch import load_patch
 
 FAST = ["--steps", "2", "--gen-steps", "1", "--n-images", "1", "--retain-samples", "2", "--backend", "reference",
@@ -51,7 +51,7 @@ def test_a_patch_for_one_toy_model_is_refused_by_the_other(mmdit_patch, tmp_path
 
 
 def test_model_toy_is_the_default_unet_model(tmp_path):
-    from fmn.cli.main import load_pipeline, model_label
+    from fmn.cli.commands import load_pipeline, model_label
     from fmn.toy import default_model_path
     named, default = load_pipeline("toy", device="cpu"), load_pipeline(None, device="cpu")
     assert type(named).__name__ == type(default).__name__ == "StableDiffusionPipeline"

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from fmn.cli.main import main
+from fmn.cli.commands import main
 from fmn.families import family_for
 from fmn.patches.patch import load_patch
 from fmn.toy import SHAPES

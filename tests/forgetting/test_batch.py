@@ -7,7 +7,7 @@ import pytest
 
 import fmn
 from fmn.forgetting.batch import format_table, patch_names, read_concepts_file, slug
-from fmn.cli.main import main
+from fmn.cli.commands import main
 from fmn.patches.patch import load_patch
 
 

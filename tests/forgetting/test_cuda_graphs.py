@@ -10,7 +10,7 @@ import torch
 import fmn.forgetting.cuda_graphs as cg
 import fmn.forgetting.trainer as trainer
 from fmn.processors.attention import ConceptScores, using
-from fmn.cli.main import build_parser
+from fmn.cli.commands import build_parser
 from fmn.processors.dispatch import use_fused_attention
 from fmn.forgetting.options import ForgetOptions
 from fmn.testing import tiny_flux_pipeline, tiny_sd_pipeline, tiny_unet
@@ -52,7 +52,7 @@ def test_option_and_cli_flag():
 
 
 def test_cli_flag_reaches_the_run(sd1_folder, tmp_path, monkeypatch):
-    from fmn.cli.main import main
+    from fmn.cli.commands import main
     from helpers import FAST_CLI
     seen = []
     real = trainer.train_steps

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmn.cli.main import main
+from fmn.cli.commands import main
 from fmn.patches.patch import load_patch
 
 ROOT = Path(__file__).resolve().parents[1]

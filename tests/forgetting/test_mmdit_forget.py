@@ -8,7 +8,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 import fmn
-from fmn.cli.main import main as cli
+from fmn.cli.commands import main as cli
 from fmn.families.mmdit import MMDiTFamily
 from fmn.cli.grid import cell, layout
 from fmn.patches.patch import PatchMismatchError, get_tensor

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fmn
-from fmn.cli.main import main as cli
+from fmn.cli.commands import main as cli
 from fmn.families.mmdit import MMDiTFamily
 from fmn.forgetting.inversion import invert
 from fmn.forgetting.options import ForgetOptions

@@ -8,7 +8,7 @@ from PIL import Image
 
 import detector_stub
 from fmn.forgetting import references
-from fmn.cli.main import main
+from fmn.cli.commands import main
 from fmn.forgetting.concepts import check_concepts
 from fmn.patches.patch import load_patch
 from fmn.forgetting.presets import load_detector, load_preset, preset_names, resolve
