@@ -212,14 +212,14 @@ def cmd_forget(a):
         from fmn.forgetting.batch import cmd_forget_each
         return cmd_forget_each(a, given_options(a),
                                lambda: load_pipeline(a.model, a.precision, for_training=True, device=a.device))
+    if not (a.concept or a.preset) or not a.out:
+        raise CLIError("forget needs --concept and --out (or --preset and --out, or --concepts-file and --out-dir)")
     from fmn.forgetting.presets import load_detector, resolve
     try:  # --preset: its phrases and templates (refused without --images if it needs them); --eval-detector
         a.concept, a.template = resolve(a.preset, a.concept, a.template, a.images, a.loss)
         detector = load_detector(a.eval_detector) if a.eval_detector else None
     except ValueError as e:
         raise CLIError(str(e)) from None
-    if not a.out:
-        raise CLIError("forget needs --out (or --concepts-file and --out-dir)")
     _outputs(a, "out", "grid")
     if a.images is not None:
         images = Path(a.images)

@@ -20,7 +20,7 @@ import torch
 from fmn.cli.commands import main
 from fmn.patches.patch import load_patch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENTRY = str(Path(__file__).with_name("dist_entry.py"))  # fmn's CLI with test-only failure hooks and a write log
 # the fastest training run of the toy model: 3 steps, 2 reference images of 2 steps, 4 cached retain / anchor
 # samples; fp32 deltas (no fp16 rounding)
