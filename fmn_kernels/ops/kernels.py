@@ -158,7 +158,7 @@ def _fwd_step(acc, l_i, m_i, r_i, q, k_ptrs, v_ptrs, W, ZERO, VALID, start_n, of
               stride_kn, stride_vn, qk_scale,
               VEC: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr,
               HAS_W: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_VALID: tl.constexpr,
-              ONE_KEY_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+              ONE_KEY_BLOCK: tl.constexpr, LEAN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One key block of the online softmax (EVEN: a full block, no column mask). As Triton's
     tutorial: the row max is taken on the raw dot, the scale folded into one FMA (qk * c - m)."""
     cols = start_n + offs_n
@@ -170,7 +170,7 @@ def _fwd_step(acc, l_i, m_i, r_i, q, k_ptrs, v_ptrs, W, ZERO, VALID, start_n, of
 
     qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
     if HAS_VALID:
-        if EVEN:
+        if EVEN and LEAN:
             if _some_invalid(valid):  # a block of all-valid keys skips the select
                 qk = tl.where(valid[None, :], qk, float("-inf"))
         else:
@@ -187,10 +187,12 @@ def _fwd_step(acc, l_i, m_i, r_i, q, k_ptrs, v_ptrs, W, ZERO, VALID, start_n, of
         if HAS_W:
             if _any_nonzero(w):
                 r_i = tl.sum(p * p * w[None, :], 1)
-    else:  # the score is added after the loop (_fwd_score), from the final LSE
+    else:  # LEAN: the score is added after the loop (_fwd_score), from the final LSE
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if HAS_W and not LEAN:
+            r_i = r_i * (alpha * alpha) + tl.sum(p * p * w[None, :], 1)
     if HAS_ZERO:
         pv = (p * keep[None, :]).to(v.dtype)
     else:
@@ -238,7 +240,7 @@ def _fwd_kernel(
     H, N, L, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, VEC: tl.constexpr,
     HAS_W: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_VALID: tl.constexpr,
-    ONE_KEY_BLOCK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_L: tl.constexpr,
+    ONE_KEY_BLOCK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_L: tl.constexpr, LEAN: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -263,16 +265,21 @@ def _fwd_kernel(
     r_i = tl.zeros([BLOCK_M], dtype=tl.float32)                 # running sum of w * exp2^2
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # full key blocks without masks, then the ragged last one (when L is not a multiple)
-    full_end = (L // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i, r_i = _fwd_step(acc, l_i, m_i, r_i, q, k_ptrs, v_ptrs, W, ZERO, VALID, start_n, offs_n,
-                                       d_ok, L, stride_kn, stride_vn, qk_scale, VEC, True, EVEN_D, HAS_W,
-                                       HAS_ZERO, HAS_VALID, ONE_KEY_BLOCK, UPCAST, PRECISION)
-    if not EVEN_L:
-        acc, l_i, m_i, r_i = _fwd_step(acc, l_i, m_i, r_i, q, k_ptrs, v_ptrs, W, ZERO, VALID, full_end, offs_n,
-                                       d_ok, L, stride_kn, stride_vn, qk_scale, VEC, False, EVEN_D, HAS_W,
-                                       HAS_ZERO, HAS_VALID, ONE_KEY_BLOCK, UPCAST, PRECISION)
+    if LEAN:  # full key blocks without masks, then the ragged last one (when L is not a multiple)
+        full_end = (L // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i, r_i = _fwd_step(acc, l_i, m_i, r_i, q, k_ptrs, v_ptrs, W, ZERO, VALID, start_n, offs_n,
+                                           d_ok, L, stride_kn, stride_vn, qk_scale, VEC, True, EVEN_D, HAS_W,
+                                           HAS_ZERO, HAS_VALID, ONE_KEY_BLOCK, LEAN, UPCAST, PRECISION)
+        if not EVEN_L:
+            acc, l_i, m_i, r_i = _fwd_step(acc, l_i, m_i, r_i, q, k_ptrs, v_ptrs, W, ZERO, VALID, full_end, offs_n,
+                                           d_ok, L, stride_kn, stride_vn, qk_scale, VEC, False, EVEN_D, HAS_W,
+                                           HAS_ZERO, HAS_VALID, ONE_KEY_BLOCK, LEAN, UPCAST, PRECISION)
+    else:  # fp32 (FMA or TF32 dots, register-bound): one loop, the score summed in it
+        for start_n in range(0, L, BLOCK_N):
+            acc, l_i, m_i, r_i = _fwd_step(acc, l_i, m_i, r_i, q, k_ptrs, v_ptrs, W, ZERO, VALID, start_n, offs_n,
+                                           d_ok, L, stride_kn, stride_vn, qk_scale, VEC, EVEN_L, EVEN_D, HAS_W,
+                                           HAS_ZERO, HAS_VALID, ONE_KEY_BLOCK, LEAN, UPCAST, PRECISION)
 
     has_mass = l_i > 0
     l_safe = tl.where(has_mass, l_i, 1.0)
@@ -284,7 +291,7 @@ def _fwd_kernel(
     row_base = pid_bh.to(tl.int64) * N
     tl.store(LSE + row_base + rows, lse, mask=row_ok)
     if HAS_W:
-        if ONE_KEY_BLOCK:
+        if ONE_KEY_BLOCK or not LEAN:
             score = r_i / (l_safe * l_safe)
         else:
             score = _fwd_score(q, lse, k_ptrs, W, VALID, offs_n, d_ok, L, stride_kn, qk_scale, VEC, EVEN_L, EVEN_D,
@@ -338,8 +345,9 @@ def _dq_step(dq, q, do, lse, delta, g2, k_ptrs, v_ptrs, W, ZERO, VALID, start_n,
              stride_kn, stride_vn, qk_scale,
              VEC: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr,
              HAS_W: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_VALID: tl.constexpr, HAS_G: tl.constexpr,
-             HAS_DO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """dq + dS K over one key block (EVEN: a full block, no column mask), without the score's term."""
+             HAS_DO: tl.constexpr, LEAN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dq + dS K over one key block (EVEN: a full block, no column mask); LEAN: without the score's
+    term (added by `_dq_score`)."""
     cols = start_n + offs_n
     col_ok = cols < L
     start = tl.cast(start_n, tl.int64)
@@ -350,7 +358,7 @@ def _dq_step(dq, q, do, lse, delta, g2, k_ptrs, v_ptrs, W, ZERO, VALID, start_n,
     w, keep, valid = _load_key_vectors(W, ZERO, VALID, cols, col_ok, HAS_W, HAS_ZERO, HAS_VALID, EVEN)
     p = tl.exp2(_dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale - lse[:, None])
     if HAS_VALID:
-        if EVEN:
+        if EVEN and LEAN:
             if _some_invalid(valid):
                 p = tl.where(valid[None, :], p, 0.0)
         else:
@@ -362,6 +370,8 @@ def _dq_step(dq, q, do, lse, delta, g2, k_ptrs, v_ptrs, W, ZERO, VALID, start_n,
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         if HAS_ZERO:
             dp = dp * keep[None, :]
+    if HAS_G and not LEAN:
+        dp += g2[:, None] * w[None, :] * p
     ds = p * (dp - delta[:, None])
     return _dot_acc(ds.to(k.dtype), k, dq, UPCAST, PRECISION)
 
@@ -402,7 +412,7 @@ def _bwd_dq_kernel(
     H, N, L, qk_scale, scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, VEC: tl.constexpr,
     HAS_W: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_VALID: tl.constexpr, HAS_G: tl.constexpr,
-    HAS_DO: tl.constexpr, EVEN_N: tl.constexpr, EVEN_L: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DO: tl.constexpr, EVEN_N: tl.constexpr, EVEN_L: tl.constexpr, LEAN: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of BLOCK_M query rows, looping over full key blocks of BLOCK_N, then the ragged last one."""
@@ -433,18 +443,24 @@ def _bwd_dq_kernel(
     VALID += b * sv
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end = (L // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, g2, k_ptrs, v_ptrs, W, ZERO, VALID, start_n, offs_n, d_ok, L,
-                      stride_kn, stride_vn, qk_scale, VEC, True, EVEN_D, HAS_W, HAS_ZERO, HAS_VALID, HAS_G,
-                      HAS_DO, UPCAST, PRECISION)
-    if not EVEN_L:
-        dq = _dq_step(dq, q, do, lse, delta, g2, k_ptrs, v_ptrs, W, ZERO, VALID, full_end, offs_n, d_ok, L,
-                      stride_kn, stride_vn, qk_scale, VEC, False, EVEN_D, HAS_W, HAS_ZERO, HAS_VALID, HAS_G,
-                      HAS_DO, UPCAST, PRECISION)
-    if HAS_G:
-        dq = _dq_score(dq, q, lse, g2, k_ptrs, W, VALID, offs_n, d_ok, L, stride_kn, qk_scale, VEC, EVEN_L, EVEN_D,
-                       HAS_VALID, UPCAST, PRECISION, BLOCK_N)
+    if LEAN:
+        full_end = (L // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, g2, k_ptrs, v_ptrs, W, ZERO, VALID, start_n, offs_n, d_ok, L,
+                          stride_kn, stride_vn, qk_scale, VEC, True, EVEN_D, HAS_W, HAS_ZERO, HAS_VALID, HAS_G,
+                          HAS_DO, LEAN, UPCAST, PRECISION)
+        if not EVEN_L:
+            dq = _dq_step(dq, q, do, lse, delta, g2, k_ptrs, v_ptrs, W, ZERO, VALID, full_end, offs_n, d_ok, L,
+                          stride_kn, stride_vn, qk_scale, VEC, False, EVEN_D, HAS_W, HAS_ZERO, HAS_VALID, HAS_G,
+                          HAS_DO, LEAN, UPCAST, PRECISION)
+        if HAS_G:
+            dq = _dq_score(dq, q, lse, g2, k_ptrs, W, VALID, offs_n, d_ok, L, stride_kn, qk_scale, VEC, EVEN_L,
+                           EVEN_D, HAS_VALID, UPCAST, PRECISION, BLOCK_N)
+    else:  # fp32: one loop, the score's term in it (fewer registers for FMA / TF32 dots)
+        for start_n in range(0, L, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, g2, k_ptrs, v_ptrs, W, ZERO, VALID, start_n, offs_n, d_ok, L,
+                          stride_kn, stride_vn, qk_scale, VEC, EVEN_L, EVEN_D, HAS_W, HAS_ZERO, HAS_VALID, HAS_G,
+                          HAS_DO, LEAN, UPCAST, PRECISION)
     _store_tile(_tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, stride_dqn, rows, offs_d, VEC), dq * scale, row_ok, d_ok,
                 EVEN_N, EVEN_D)
 
