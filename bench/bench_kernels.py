@@ -12,11 +12,15 @@ Providers:
                 trace and recorded per shape
 A variant that raises (e.g. cuDNN's SDPA backward at FLUX shapes in torch 2.11) is recorded with its
 error in the table and JSON, and the benchmark goes on.
+Graphed rows (mode "fwd+bwd graph", CUDA, the SD shapes with L = 77): each provider's forward and
+backward captured once in a CUDA graph and replayed (fmn's training step runs under CUDA graphs by
+default, and eager calls at these shapes are host-bound for every provider); --no-graph leaves them out.
 Metrics: median ms, achieved GB/s (compulsory bytes: q, k, v, out [+ dout, dq, dk, dv]) and TFLOP/s
 (4 N L D per head forward, 2.5x that backward), peak memory above the inputs in MiB.
 Writes bench/results/kernels_<device>.json and .png.
 
     python bench/bench_kernels.py [--quick] [--dtype bfloat16] [--device cuda] [--out DIR/kernels.json]
+                                  [--shapes sd21,flux-joint] [--no-graph]
 """
 import argparse
 import sys
@@ -43,6 +47,7 @@ CASES = [
 LONG = ("long-keys", "flux-joint", "sd35-joint")
 QUICK_CASES = [CASES[0], CASES[4], CASES[8]]
 MODES = ("fwd", "bwd", "fwd+bwd")
+GRAPH_MODE = "fwd+bwd graph"
 CONCEPT_COLUMNS = [5, 6]  # e.g. "a photo of {Van Gogh}": two word pieces
 
 
@@ -91,6 +96,31 @@ def mode_fn(provider, mode, q, k, v, weights):
     return lambda: loss.backward(retain_graph=True)
 
 
+def graphed_fn(provider, q, k, v, weights):
+    """Forward + backward of one provider captured once in a CUDA graph (after warm-up calls on a
+    side stream, as torch.cuda.graph's docs ask); returns the graph's replay."""
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    fn = provider_fn(provider, q, k, v, weights)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        loss_of(*fn()).backward()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for t in (q, k, v):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss_of(*fn()).backward()
+    return graph.replay
+
+
 def sdpa_backend(q, k, v):
     """Which kernel F.scaled_dot_product_attention dispatched to, read off a profiler trace."""
     if q.device.type != "cuda":
@@ -125,12 +155,22 @@ def main():
     parser.add_argument("--quick", action="store_true", help="3 shapes, fewer repeats, no long case")
     parser.add_argument("--repeats", type=int, default=None, help="do_bench rep = max(50, 10 x repeats) ms")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG beside it)")
+    parser.add_argument("--shapes", default=None,
+                        help=f"comma-separated models to keep, of {','.join(dict.fromkeys(c[0] for c in CASES))}")
+    parser.add_argument("--no-graph", action="store_true", help="leave out the CUDA-graph rows")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     repeats = args.repeats or (3 if args.quick else 5)
     providers = ["fused", "sdpa", "materialising"] if device.type == "cuda" else ["materialising", "sdpa"]
     cases = QUICK_CASES if args.quick else CASES
+    if args.shapes:
+        keep = args.shapes.split(",")
+        unknown = set(keep) - {c[0] for c in CASES}
+        if unknown:
+            parser.error(f"--shapes: unknown models {sorted(unknown)}")
+        cases = [c for c in CASES if c[0] in keep]
+    graph = device.type == "cuda" and not args.no_graph
     if device.type == "cpu" and not args.quick:
         # 24 heads of a 4608 x 4608 map would take minutes per call on a 2-core CPU.
         cases = [c if c[0] not in LONG else (c[0], 1, *c[2:]) for c in cases]
@@ -142,16 +182,20 @@ def main():
             backend = sdpa_backend(*make_case(heads, n, l, d, dtype, device)[:3])
         except Exception as e:  # noqa: BLE001 - recorded
             backend = f"error: {type(e).__name__}"
+        modes = MODES + ((GRAPH_MODE,) if graph and model not in LONG else ())
         for provider in providers:
-            for mode in MODES:
+            for mode in modes:
                 row = dict(model=model, heads=heads, N=n, L=l, D=d, provider=provider, mode=mode,
                            sdpa_backend=backend if provider == "sdpa" else "", error="")
                 try:
                     inputs = make_case(heads, n, l, d, dtype, device)
-                    fn = mode_fn(provider, mode, *inputs)
+                    if mode == GRAPH_MODE:
+                        fn = graphed_fn(provider, *inputs)
+                    else:
+                        fn = mode_fn(provider, mode, *inputs)
                     ms = time_ms(fn, device, repeats)
-                    peak = peak_memory_mib(fn, device)
-                    nbytes, flops = traffic(heads, n, l, d, dtype, mode)
+                    peak = peak_memory_mib(fn, device) if mode != GRAPH_MODE else float("nan")  # graph pool
+                    nbytes, flops = traffic(heads, n, l, d, dtype, mode.split()[0])
                     elt_bytes = torch.finfo(dtype).bits / 8
                     map_mib = 0.0 if provider != "materialising" else heads * n * l * elt_bytes / 2**20
                     row.update(ms=ms, GBps=nbytes / ms / 1e6, TFLOPs=flops / ms / 1e9, peak_MiB=peak,
@@ -170,6 +214,8 @@ def main():
                        "attn_map_MiB", "sdpa_backend", "error"])
     out = args.out or RESULTS / f"kernels_{device_tag(device)}{'_quick' if args.quick else ''}.json"
     write_json_atomic(out, {"benchmark": "concept attention kernels", "machine": machine_info(),
+                            "graph_mode": f"'{GRAPH_MODE}': fwd+bwd captured once in a CUDA graph, replays timed"
+                            if graph else "off",
                             "dtype": str(dtype), "batch": 1, "repeats": repeats, "concept_columns": CONCEPT_COLUMNS,
                             "memory_method": "torch.cuda peak allocated" if device.type == "cuda"
                             else "resident-set high-water mark above the start (see bench/common.py)",

@@ -1,4 +1,6 @@
 """`cross_attention`: input checks and backend choice for fused concept attention."""
+import math
+
 import torch
 
 from .ops.cpu_attention import auto_cpu_backend, concept_attention_cpu
@@ -95,6 +97,8 @@ def cross_attention(q, k, v, *, scale=None, concept_weights=None, zero_mask=None
     if scale is None:
         scale = q.shape[-1] ** -0.5
     scale = float(scale)
+    if not (scale > 0 and math.isfinite(scale)):  # the kernels take the row max on the unscaled dot
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
     if backend == "auto":
         backend = "triton" if (q.is_cuda or TRITON_INTERPRETING) else (
             CPU_AUTO_BACKEND if q.dtype in _DTYPES else "reference")

@@ -81,6 +81,9 @@ class Plan:
         self.arch, self.sm_count = device_info(q.device)
         self.one_block_n = max(16, triton.next_power_of_2(L)) if L <= 128 else 0
         self.long = N >= long_threshold and L >= long_threshold
+        # 16-bit inputs: the kernels' lean loops (no masks on full blocks, score work on concept blocks
+        # only); fp32 (FMA / TF32 dots, register-bound) keeps one loop with the score in it
+        self.lean = q.dtype != torch.float32
         self.common = dict(
             HEAD_DIM=D, EVEN_D=D == self.block_d, BLOCK_D=self.block_d,
             UPCAST=triton_interpreting() and q.dtype == torch.bfloat16,
@@ -191,7 +194,7 @@ class ForwardPlan:
             def of(tile):
                 block_n = plan.block_n(tile)
                 return dict(_tile_consts(tile, block_n), **plan.common, VEC=vec, ONE_KEY_BLOCK=one_block,
-                            EVEN_N=N % tile.block_m == 0, EVEN_L=L % block_n == 0)
+                            EVEN_N=N % tile.block_m == 0, EVEN_L=L % block_n == 0, LEAN=plan.lean)
             return of
 
         grid = lambda tile: (B * H, triton.cdiv(N, tile.block_m))  # noqa: E731
@@ -312,7 +315,7 @@ class BackwardPlan:
 
             def dq_consts(t):
                 return dict(_tile_consts(t, t.block_n), **plan.common, VEC=vec, EVEN_N=N % t.block_m == 0,
-                            EVEN_L=L % t.block_n == 0)
+                            EVEN_L=L % t.block_n == 0, LEAN=plan.lean)
             self.dq = Launcher(dq_name, plan, _bwd_dq_kernel, flags, lambda t: (B * H, triton.cdiv(N, t.block_m)),
                                dq_consts)
             self.dq_scalars = (*row_args, *self.dq_stride[:3], *masks, H, N, L)

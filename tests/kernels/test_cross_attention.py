@@ -245,6 +245,8 @@ def test_auto_backend_on_cpu_follows_interpreter(monkeypatch):
     ("zero_mask_dtype", TypeError, "zero_mask must be bool"),
     ("key_mask_type", TypeError, "key_mask must be a torch.Tensor"),
     ("backend", ValueError, "backend must be 'auto', 'triton', 'cpu' or 'reference'"),
+    ("negative_scale", ValueError, "scale must be a positive finite number, got -0.1"),
+    ("nan_scale", ValueError, "scale must be a positive finite number, got nan"),
 ])
 def test_bad_input_names_the_argument(case, error, match):
     q, k, v = make_inputs(2, 2, 4, 77, 64, torch.float32)
@@ -273,6 +275,10 @@ def test_bad_input_names_the_argument(case, error, match):
         kwargs["key_mask"] = [True] * 77
     elif case == "backend":
         kwargs["backend"] = "cuda"
+    elif case == "negative_scale":
+        kwargs["scale"] = -0.1
+    elif case == "nan_scale":
+        kwargs["scale"] = float("nan")
     with pytest.raises(error, match=match):
         cross_attention(q, k, v, **kwargs)
 

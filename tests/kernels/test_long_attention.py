@@ -102,3 +102,28 @@ def test_split_count_fills_the_gpu():
     split, rows = ops.dkdv_split(plan, 32, 128, 0)
     assert 200 <= split * 10 <= 2 * 132 + 10 and rows % 32 == 0 and split * rows >= 4096 > (split - 1) * rows
     assert ops.dkdv_split(plan, 32, 128, 1) == (1, 4096)
+
+
+@pytest.mark.parametrize("shape, dtype, threshold, use_out", [
+    ((2, 2, 70, 150, 64), torch.bfloat16, 16, True),     # ragged N and L (3 key blocks of 64)
+    ((2, 1, 128, 256, 64), torch.float16, 16, True),     # full blocks only (EVEN_N, EVEN_L)
+    ((2, 1, 67, 150, 80), torch.float16, 16, False),     # the attention loss alone (no dO)
+    ((2, 1, 37, 77, 64), torch.bfloat16, 1024, True),    # one key block (fwd1, bwd1)
+], ids=["ragged", "even", "score-only", "one-block"])
+def test_blocks_without_concept_columns_or_left_out_keys(shape, dtype, threshold, use_out):
+    """MM-DiT-like masks: concept columns in a few key blocks only (sample 0: the first block and
+    the ragged last one, one weight negative; sample 1: none, so its score is 0) and a key mask that
+    is all-True in most blocks. The kernels skip the score's work on blocks without concept columns
+    and the key-mask select on blocks whose keys all take part: the results must not change."""
+    B, H, N, L, D = shape
+    q, k, v = make_inputs(*shape, dtype, seed=24)
+    weights = torch.zeros(B, L)
+    weights[0, [3, 4, L - 2]] = torch.tensor([1.0, 0.5, -0.7])
+    key_mask = torch.ones(B, L, dtype=torch.bool)
+    key_mask[0, 20:23] = False
+    key_mask[1, L - 1] = False
+    zero_mask = torch.zeros(B, L, dtype=torch.bool)
+    zero_mask[:, 7] = True
+    masks = dict(concept_weights=weights.to(DEVICE), zero_mask=zero_mask.to(DEVICE), key_mask=key_mask.to(DEVICE))
+    out = check_against_oracle(q, k, v, masks, long_threshold=threshold, use_out=use_out)
+    assert out[1][1].abs().max().item() == 0.0  # no concept column: no score
