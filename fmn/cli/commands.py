@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from fmn.forgetting.options import BACKENDS, LOSSES, PATCH_DTYPES, PRECISIONS, TRAIN_SETS
@@ -204,6 +205,7 @@ def given_options(a) -> dict:
 
 
 def cmd_forget(a):
+    t_start = time.perf_counter()
     from fmn.families import family_for
     from fmn.forgetting.options import ForgetOptions, templates
     from fmn.forgetting.runtime import accelerator
@@ -235,7 +237,9 @@ def cmd_forget(a):
                                      else {})})
     except ValueError as e:
         raise CLIError(str(e)) from None
+    t_load = time.perf_counter()
     pipe = load_pipeline(a.model, a.precision, for_training=True, device=a.device)
+    seconds = {"load": time.perf_counter() - t_load}
     # the model family's defaults (the built-in toy model's tuned ones), under what was given: as fmn.forget
     try:
         opts = ForgetOptions(**{**family_for(pipe).default_options(a.concept, given), **given})
@@ -270,10 +274,13 @@ def cmd_forget(a):
         pipe.set_progress_bar_config(disable=True)
         steps = a.grid_steps or opts.gen_steps
         guidance = a.grid_guidance_scale or opts.guidance_scale
+        t_grid = time.perf_counter()
         grid = _compare_grid(pipe, patch, prompts, 4, steps, guidance, a.seed, a.resolution, quiet=a.quiet)
+        seconds["grid"] = time.perf_counter() - t_grid
         outputs.append((a.grid, _write_png(grid), False))
     from fmn.cli.outputs import commit
     commit(outputs, force=a.force)
+    seconds["wall"] = time.perf_counter() - t_start
     if not a.quiet:
         print(format_summary(patch, a.out))
         if detector is not None:
@@ -281,7 +288,20 @@ def cmd_forget(a):
             print(format_report(patch.summary["detector"]))
         if a.grid:
             print(f"grid          {a.grid}: rows {prompts}, 4 seeds base | 4 seeds patched")
+        print(format_time_split(patch.summary, seconds))
     return 0
+
+
+def format_time_split(summary, seconds) -> str:
+    """Where the command's wall time went: loading the model, drawing reference images, training steps,
+    the closed-form edit, the grid (`seconds`: load, grid, wall, measured here; the rest from the patch's
+    summary); what is left (checks, writing, imports) is "other"."""
+    parts = {"load": seconds.get("load", 0.0), "images": summary.get("seconds_images", 0.0),
+             "steps": summary.get("seconds_train", 0.0), "closed form": summary.get("seconds_closed_form", 0.0),
+             "grid": seconds.get("grid", 0.0)}
+    parts["other"] = max(seconds["wall"] - sum(parts.values()), 0.0)
+    return (f"time split    {seconds['wall']:.1f} s wall: "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
 
 
 def _anchor_arg(values):
@@ -539,27 +559,28 @@ def _toy_defaults_note() -> str:
     """The defaults that apply without --model: the built-in toy models' tuned values."""
     try:
         from fmn.toy import default_model_path
-        from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS, PRESERVE_WEIGHT
+        from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS, PRESERVE_WEIGHT, ROBUST
     except ImportError:
         return ""
     d = FORGET_DEFAULTS
     return (f"The defaults shown are the paper's, for --model (SD3 / FLUX.1: with the pipeline's own guidance "
             f"scale). On the built-in toy models (no --model, --model toy, --model {default_model_path()}, or "
-            f"--model toy-mmdit) unset options take their tuned values, as fmn.forget does there: the closed-form "
-            f"edit alone (--closed-form, --steps 0, --preserve-weight {PRESERVE_WEIGHT}), each concept turned into "
+            f"--model toy-mmdit) unset options take their tuned values, as fmn.forget does there: the attention "
+            f"re-steering ({ROBUST['steps']} steps per concept at lr {ROBUST['lr']}, {d['n_images']} reference "
+            f"images of {d['gen_steps']} steps, retain weight {d['retain_weight']}), each concept turned into "
             f"the next shape or colour (--anchor), the model's caption forms as templates, the other shapes or "
-            f"colours kept (fmn/toy/defaults.py). With --no-closed-form, the attention-loss rule: "
-            f"{ANCHOR_STEPS['shape']} steps per shape ({ANCHOR_STEPS['color']} per colour) with an anchor, lr "
-            f"{d['lr']}, {d['n_images']} reference images of {d['gen_steps']} steps, retain weight "
-            f"{d['retain_weight']}; on --model toy-mmdit: " + _toy_mmdit_defaults_note())
+            f"colours kept; then the closed-form edit on the trained weights (--closed-form, --preserve-weight "
+            f"{PRESERVE_WEIGHT}) (fmn/toy/defaults.py). --steps 0: the closed-form edit alone. --no-closed-form: "
+            f"the attention rule alone, {ANCHOR_STEPS['shape']} steps per shape ({ANCHOR_STEPS['color']} per "
+            f"colour) at lr {d['lr']}; on --model toy-mmdit: " + _toy_mmdit_defaults_note())
 
 
 def _toy_mmdit_defaults_note() -> str:
-    from fmn.toy.mmdit_defaults import ANCHOR_STEPS, FORGET_DEFAULTS
+    from fmn.toy.mmdit_defaults import ANCHOR_STEPS, FORGET_DEFAULTS, ROBUST
     d = FORGET_DEFAULTS
-    return (f"{ANCHOR_STEPS['shape']} steps per shape ({ANCHOR_STEPS['color']} per colour) with an anchor, "
-            f"lr {d['lr']}, retain weight "
-            f"{d['retain_weight']} on {d['retain_samples']} samples (fmn/toy/mmdit_defaults.py).")
+    return (f"{ROBUST['steps']} steps per concept at lr {ROBUST['lr']} before the closed form; the rule alone "
+            f"{ANCHOR_STEPS['shape']} steps per shape ({ANCHOR_STEPS['color']} per colour) at lr {d['lr']}; retain "
+            f"weight {d['retain_weight']} on {d['retain_samples']} samples (fmn/toy/mmdit_defaults.py).")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -168,15 +168,19 @@ class ModelFamily(ABC):
 
 
 def tuned_defaults(forget_defaults, concepts, given=None) -> dict:
-    """A built-in model's tuned options for `concepts` (`forget_defaults(concepts, anchor=...)`), picked
-    under what was given: anchor "" / [] gives them without an anchor, closed_form=False (or
-    train="lora") the attention-loss rule instead of the closed-form edit, train="lora" keeps the LoRA learning
-    rate."""
+    """A built-in model's tuned options for `concepts` (`forget_defaults(concepts, anchor=..., method=...)`),
+    picked under what was given: by default the attention re-steering then the closed-form edit; steps=0 the
+    closed-form edit alone; closed_form=False (or train="lora") the attention rule alone; anchor "" / [] the
+    options without an anchor; train="lora" keeps the LoRA learning rate."""
     given = given or {}
     anchor = given.get("anchor")
     anchored = anchor is None or bool(anchor.strip() if isinstance(anchor, str) else anchor)
-    attention = given.get("closed_form") is False or given.get("train") == "lora"  # lora trains an adapter only
-    method = "attention" if attention else "closed-form"
+    if given.get("closed_form") is False or given.get("train") == "lora":  # lora trains an adapter only
+        method = "attention"
+    elif given.get("steps") == 0:
+        method = "closed-form"
+    else:
+        method = "attention+closed-form"
     opts = forget_defaults(concepts, anchor=anchored, method=method)
     if given.get("train") == "lora":
         opts.pop("lr", None)

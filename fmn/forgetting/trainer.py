@@ -228,15 +228,16 @@ def forget(pipe, concepts, images=None, **options) -> Patch:
     try:
         pipe.to(device)
         needs_images = opts.steps or opts.inversion  # the closed-form edit alone reads none
+        t_images = time.perf_counter()
         refs = reference_latents(family, concepts, images, anchors, tpl, opts, device) if needs_images \
             else References([], [], [])
+        figures = {"seconds_images": round(time.perf_counter() - t_images, 4)}
         parts, words = family.text_parts(), concepts
         if opts.inversion:
             family.denoiser.requires_grad_(False)
             parts, words = invert(family, concepts, refs.items, tpl, opts, device, autocast)
         texts = encode_all(family, concepts, words, anchors, tpl, opts, parts)
         trainable.setup()
-        figures = {}
         if opts.steps:
             if opts.offload and device.type == "cuda" and not opts.closed_form:
                 state.offload_text_and_vae()

@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -108,6 +109,21 @@ def test_forget_writes_a_before_after_grid(sd1_folder, tmp_path):
     assert main(["forget", "--model", sd1_folder, "--concept", "cat", "--out", str(out2), "--grid", str(grid),
                  *FAST_CLI]) == 2
     assert not out2.exists()
+
+
+def test_forget_prints_where_the_time_went(sd1_folder, tmp_path, capsys):
+    """The summary ends with the wall time split into load, reference images, steps, closed form and grid."""
+    out, grid = tmp_path / "p.safetensors", tmp_path / "grid.png"
+    fast = [a for a in FAST_CLI if a != "-q"]
+    assert main(["forget", "--model", sd1_folder, "--concept", "cat", "--out", str(out), "--grid", str(grid),
+                 "--grid-steps", "1", *fast]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("time split"))
+    parts = dict(re.findall(r"(load|images|steps|closed form|grid|other) ([0-9.]+) s", line))
+    assert list(parts) == ["load", "images", "steps", "closed form", "grid", "other"], line
+    wall = float(re.search(r"([0-9.]+) s wall", line).group(1))
+    assert wall > 0 and float(parts["steps"]) > 0 and float(parts["grid"]) > 0
+    assert abs(sum(map(float, parts.values())) - wall) <= 0.1, line  # rounding of the parts and the wall
+
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ BAD_VALUES = {
     "device bogus": (["forget", "--concept", "c", "--device", "bogus"], "--device"),
     "gen-steps 0": (["forget", "--concept", "c", "--gen-steps", "0"], "--gen-steps"),
     "steps -1": (["forget", "--concept", "c", "--steps", "-1"], "--steps"),
-    # 0 steps is the closed-form edit alone (the toy models' default); without the closed form it is refused
+    # 0 steps is the closed-form edit alone (on the toy models: their edit); without the closed form it is refused
     "steps 0": (["forget", "--concept", "c", "--steps", "0", "--no-closed-form"], "steps must be >= 1"),
     "steps 0, lora": (["forget", "--concept", "c", "--steps", "0", "--train", "lora"], "train='lora'"),
     "lr 0": (["forget", "--concept", "c", "--lr", "0"], "--lr"),
@@ -204,14 +204,15 @@ def test_labelled_grid_places_images_and_labels():
 
 def test_forget_help_names_the_defaults_that_apply(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "10000")  # argparse wraps at the terminal's width, hyphenated words too
-    from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS
+    from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS, ROBUST
     with pytest.raises(SystemExit) as info:
         main(["forget", "--help"])
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "default 35" in text  # the paper's, for --model
+    assert f"re-steering ({ROBUST['steps']} steps per concept at lr {ROBUST['lr']}" in text
     assert f"{ANCHOR_STEPS['shape']} steps per shape" in text and f"lr {FORGET_DEFAULTS['lr']}" in text
-    assert "closed-form edit alone (--closed-form, --steps 0" in text
+    assert "--steps 0: the closed-form edit alone" in text
 
 
 def test_steps_0_is_the_closed_form_on_the_toy_and_an_error_elsewhere(sd1_folder, tmp_path, capsys):

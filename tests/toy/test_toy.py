@@ -170,7 +170,7 @@ def test_toy_forget_defaults_retain_the_other_concepts_of_the_forgotten_domain()
 
 
 def test_toy_forget_defaults_anchor_each_forgotten_shape_on_the_next_kept_one():
-    from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS, anchor_for, attention_defaults, forget_defaults
+    from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS, ROBUST, anchor_for, attention_defaults, forget_defaults
     assert anchor_for("circle") == ["square"] and anchor_for("heart") == ["circle"]
     assert anchor_for(["circle", "square"]) == ["triangle", "triangle"]
     assert anchor_for("red") == ["green"] and anchor_for(["purple", "red"]) == ["green", "green"]
@@ -181,13 +181,17 @@ def test_toy_forget_defaults_anchor_each_forgotten_shape_on_the_next_kept_one():
     for concept in ("circle", "red"):
         plain = attention_defaults(concept, anchor=False)
         assert "anchor" not in plain and plain["steps"] == FORGET_DEFAULTS["steps"]
-        # the defaults: the closed-form edit alone over the same prompts, anchor and retained phrases
-        closed = forget_defaults(concept)
+        # the default: the gentler attention rule (ROBUST), then the closed-form edit, over the same prompts,
+        # anchor and retained phrases; the closed form alone (no step) and the attention rule alone on request
+        default, closed = forget_defaults(concept), forget_defaults(concept, method="closed-form")
+        assert default["closed_form"] is True and (default["steps"], default["lr"]) == (ROBUST["steps"], ROBUST["lr"])
         assert closed["closed_form"] is True and closed["steps"] == 0
-        same = ("closed_form", "steps", "preserve_weight")
-        assert {k: v for k, v in closed.items() if k not in same} \
-            == {k: v for k, v in attention_defaults(concept).items() if k not in same}
+        same = ("closed_form", "steps", "lr", "preserve_weight")
+        for opts in (default, closed):
+            assert {k: v for k, v in opts.items() if k not in same} \
+                == {k: v for k, v in attention_defaults(concept).items() if k not in same}
         assert forget_defaults(concept, method="attention") == attention_defaults(concept)
+    assert forget_defaults(["circle", "square"])["steps"] == 2 * ROBUST["steps"]
     with pytest.raises(ValueError, match="method"):
         forget_defaults("circle", method="fast")
 
