@@ -17,7 +17,7 @@ Numbers per run: seconds for the training steps (`seconds_train`, the 35-step lo
 call (`seconds_total`: text encoding, loss before/after, fingerprint and patch included), peak
 memory (CUDA: max_memory_allocated over the call, weights included; CPU: the resident set's
 high-water mark over the call, VmHWM after a reset through /proc/self/clear_refs), patch bytes.
-Goals on one H100 / H200 (issue 24): the 35 steps at batch 1 in <= 2.5 s, the fused run <= 0.8x
+Goals on one H100 / H200: the 35 steps at batch 1 in <= 2.5 s, the fused run <= 0.8x
 the materialising run; peak memory under 8 GB, patch under 50 MB. On a CPU one step at batch 1
 (and 4 without --quick) is timed. A configuration that raises is reported (status, error) and the
 others go on; the JSON is rewritten after each one (a run left "running" is where the process died).

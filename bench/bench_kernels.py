@@ -228,7 +228,7 @@ def main():
 
 
 def ratios(rows):
-    """fused / sdpa time per (shape, mode): the side-by-side figure of issue 25's goals."""
+    """fused / sdpa time per (shape, mode): the side-by-side figure the kernel goals are stated in."""
     out = []
     for row in rows:
         if row["provider"] != "fused":

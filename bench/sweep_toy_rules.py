@@ -1,4 +1,4 @@
-"""Tuning sweep for the toy model's forgetting defaults (issue 17, item 2): candidate rules x concepts,
+"""Tuning sweep for the toy model's forgetting defaults: candidate rules x concepts,
 scored on the TUNING split only (fmn.toy.evaluate.SPLITS["tuning"]); the chosen rule goes into
 fmn/toy/defaults.py and is reported on the held-out split by bench/bench_quality.py --all.
 

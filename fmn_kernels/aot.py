@@ -279,7 +279,7 @@ def failures(result):
 
 def spills_allowed(arch):
     """sm_86/89-class GPUs (99 KB of shared memory) get the smallest tiles and are held to the shared
-    memory limit only (issue 13): their spills are reported in the summary, not counted as problems."""
+    memory limit only: their spills are reported in the summary, not counted as problems."""
     from .ops.configs import arch_class
 
     return arch_class(arch) == "sm86"

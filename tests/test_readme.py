@@ -1,9 +1,8 @@
-"""The README's Python example under "From Python" runs as written, with a tiny SD 2.x pipeline
-in place of the hub model (from_pretrained is monkeypatched; nothing is downloaded)."""
+"""The README's Python example for SD (its first `python` block with `fmn.forget(`) runs as written, with a
+tiny SD 2.x pipeline in place of the hub model (from_pretrained is monkeypatched; nothing is downloaded)."""
 import re
 from pathlib import Path
 
-import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -42,8 +41,3 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
                                                     "van-gogh-kohya.safetensors"}
     assert scope["small"].nbytes < scope["patch"].nbytes
 
-
-def test_kernel_signature_block_is_documentation_only():
-    block = next(b for b in python_blocks() if "fmn_kernels.cross_attention(" in b)
-    with pytest.raises(SyntaxError):  # it shows a signature (`*`), so it is not run
-        compile(block, "README", "exec")

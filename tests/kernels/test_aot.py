@@ -66,7 +66,7 @@ def test_failures_flag_overflow_and_spills():
     stale = dict(row, BLOCK_M=128, smem_ok=True, shared=1000, spill_stores=0, spill_loads=0)
     assert aot.failures(dict(arch=90, variants=[stale], errors=[])) == [
         "tile no longer in the table: _fwd_kernel BLOCK_M=128 BLOCK_N=128 BLOCK_D=64"]
-    # sm_86-class targets are held to shared memory only (issue 13): a spill there is reported, not a problem
+    # sm_86-class targets are held to shared memory only: a spill there is reported, not a problem
     fits_on_sm86 = dict(row, arch=86, smem_ok=True, shared=1000, smem_limit=101376)
     assert aot.failures(dict(arch=86, variants=[fits_on_sm86], errors=[])) == []
     assert aot.failures(dict(arch=86, variants=[dict(fits_on_sm86, smem_ok=False)], errors=[]))
