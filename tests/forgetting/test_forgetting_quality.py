@@ -4,8 +4,8 @@ Forget "circle" with fmn's defaults for the toy model (no options given, the fam
 attention re-steering through the native CPU kernels, then the closed-form edit) and with the closed-form
 edit alone (steps=0), then generate the 25-prompt set with 2 seeds from the base and the patched model and
 classify. Fails when forgetting stops working (circles still drawn) or when it stops being specific (other
-shapes or the colours collapse). Bounds sit below the figures measured at these 2 seeds (docs/testing.md) by
-about the noise of 10 forgotten-prompt images and 40 retained ones (1 and 2 of them).
+shapes or the colours collapse). Bounds: UA 0.9 and retains 0.95 of base, one forgotten-prompt image and two
+retained ones (of 10 and 40) below the goals.
 """
 import copy
 
