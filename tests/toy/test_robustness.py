@@ -1,5 +1,5 @@
 """fmn.toy.robustness: probe images, textual inversion of one token, the Memorization Score and the
-inversion attack, at small budgets (the figures at full budget are in bench/results/robustness_cpu.json)."""
+inversion attack, at small budgets (the figures at full budget are in bench/results/robustness_toy_cpu.json)."""
 import pytest
 import torch
 
