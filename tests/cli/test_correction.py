@@ -1,5 +1,5 @@
 """Concept correction as docs/concept-correction.md runs it: `fmn forget --concept shape --template "a green {}"`
-on the built-in toy model (its default, the closed-form edit) sends "a green shape" to the bare context
+--steps 0 on the built-in toy model (the closed-form edit alone) sends "a green shape" to the bare context
 "a green " at the layers that read the text, and leaves the named shapes' prompts as they were."""
 import copy
 
@@ -23,7 +23,8 @@ def keys(pipe, prompts):
 def test_correction_in_one_context_keeps_the_named_prompts(toy_base, tmp_path):
     out = tmp_path / "green-shape.safetensors"
     retain = [a for s in SHAPES for a in ("--retain", s)]
-    assert main(["forget", "--concept", "shape", "--template", "a green {}", *retain, "--out", str(out), "-q"]) == 0
+    assert main(["forget", "--concept", "shape", "--template", "a green {}", *retain, "--steps", "0", "--out", str(out),
+                 "-q"]) == 0
     patch = load_patch(out)
     assert patch.options["template"] == ["a green {}"] and patch.options["closed_form"] and patch.summary["steps"] == 0
     prompts = ["a green shape", "a green ", "a green star", "a green circle"]
