@@ -48,7 +48,7 @@ def files(folder):
 def test_forget_each_writes_skips_and_redoes(toy_base, tmp_path):
     out = tmp_path / "patches"
     seen = []
-    summary = fmn.forget_each(toy_base, ["circle", ["red", "blue"]], out, report=seen.append, progress=False)
+    summary = fmn.forget_each(toy_base, ["circle", ["red", "blue"]], out, steps=0, report=seen.append, progress=False)
     assert files(out) == ["circle.safetensors", "red+blue.safetensors", "summary.json"]
     assert summary["done"] == 2 and summary["failed"] == [] and summary["processes"] == 1
     assert [r["concepts"] for r in seen] == [["circle"], ["red", "blue"]]
@@ -60,14 +60,14 @@ def test_forget_each_writes_skips_and_redoes(toy_base, tmp_path):
     assert table.splitlines()[0].split()[:3] == ["concept", "status", "seconds"] and "red, blue" in table
     # resume: both skipped, untouched; a third one done
     mtime = (out / "circle.safetensors").stat().st_mtime_ns
-    summary = fmn.forget_each(toy_base, ["circle", ["red", "blue"], "heart"], out, progress=False)
+    summary = fmn.forget_each(toy_base, ["circle", ["red", "blue"], "heart"], out, steps=0, progress=False)
     assert [r["status"] for r in summary["results"]] == ["skipped", "skipped", "done"]
     assert (out / "circle.safetensors").stat().st_mtime_ns == mtime
     # force redoes it; a file holding another concept's patch is a failure, named, not overwritten
     os.replace(out / "heart.safetensors", out / "star.safetensors")
-    summary = fmn.forget_each(toy_base, ["circle", "star"], out, force=False, progress=False)
+    summary = fmn.forget_each(toy_base, ["circle", "star"], out, steps=0, force=False, progress=False)
     assert summary["failed"] == ["star"] and "holds a patch for ['heart']" in summary["results"][1]["error"]
-    summary = fmn.forget_each(toy_base, ["circle"], out, force=True, progress=False)
+    summary = fmn.forget_each(toy_base, ["circle"], out, steps=0, force=True, progress=False)
     assert summary["done"] == 1 and (out / "circle.safetensors").stat().st_mtime_ns != mtime
 
 
