@@ -569,7 +569,8 @@ def _toy_defaults_note() -> str:
             f"re-steering ({ROBUST['steps']} steps per concept at lr {ROBUST['lr']}, {d['n_images']} reference "
             f"images of {d['gen_steps']} steps, retain weight {d['retain_weight']}), each concept turned into "
             f"the next shape or colour (--anchor), the model's caption forms as templates, the other shapes or "
-            f"colours kept; then the closed-form edit on the trained weights (--closed-form, --preserve-weight "
+            f"colours kept on {ROBUST['retain_images']} images each (--retain-images); then the closed-form edit "
+            f"on the trained weights (--closed-form, --preserve-weight "
             f"{PRESERVE_WEIGHT}) (fmn/toy/defaults.py). --steps 0: the closed-form edit alone. --no-closed-form: "
             f"the attention rule alone, {ANCHOR_STEPS['shape']} steps per shape ({ANCHOR_STEPS['color']} per "
             f"colour) at lr {d['lr']}; on --model toy-mmdit: " + _toy_mmdit_defaults_note())
@@ -578,7 +579,8 @@ def _toy_defaults_note() -> str:
 def _toy_mmdit_defaults_note() -> str:
     from fmn.toy.mmdit_defaults import ANCHOR_STEPS, FORGET_DEFAULTS, ROBUST
     d = FORGET_DEFAULTS
-    return (f"{ROBUST['steps']} steps per concept at lr {ROBUST['lr']} before the closed form; the rule alone "
+    return (f"{ROBUST['steps']} steps per concept at lr {ROBUST['lr']} ({ROBUST['retain_images']} images per "
+            f"retained concept) before the closed form; the rule alone "
             f"{ANCHOR_STEPS['shape']} steps per shape ({ANCHOR_STEPS['color']} per colour) at lr {d['lr']}; retain "
             f"weight {d['retain_weight']} on {d['retain_samples']} samples (fmn/toy/mmdit_defaults.py).")
 

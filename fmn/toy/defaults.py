@@ -3,11 +3,12 @@
 The default (forget_defaults, method="attention+closed-form"): Forget-Me-Not's attention re-steering through
 the fused kernels, with the toy's caption forms as templates (templates_for), the other shapes or colours
 held to the base model's outputs (retain_for) and each concept pulled towards the next shape or colour
-(anchor_for), ROBUST's lr and steps per concept; then the closed-form anchor edit (fmn.forgetting.closed_form)
-on the trained weights. The training is what resists a textual-inversion attack: the closed form alone is
-one linear map on the text embeddings, which an inverted token goes around. method="closed-form" (fmn forget
---steps 0): the edit alone, no training step; method="attention" (--no-closed-form): the attention rule
-alone, at its own lr and steps. Held-out results: docs/results.md, docs/results-robustness.md.
+(anchor_for), ROBUST's lr, steps per concept and retain images; then the closed-form anchor edit
+(fmn.forgetting.closed_form) on the trained weights. The training is what resists a textual-inversion
+attack: the closed form alone is one linear map on the text embeddings, which an inverted token goes around.
+method="closed-form" (fmn forget --steps 0): the edit alone, no training step; method="attention"
+(--no-closed-form): the attention rule alone, at its own lr and steps. Held-out results: docs/results.md,
+docs/results-robustness.md.
 """
 from fmn.toy.data import COLOR_TEMPLATES, COLORS, FULL_TEMPLATES, SHAPE_TEMPLATES, SHAPES
 
@@ -25,7 +26,9 @@ FORGET_DEFAULTS = {  # the attention-loss rule's (forget_defaults' method="atten
 ANCHOR_WEIGHT = 16.0
 METHODS = ("attention+closed-form", "closed-form", "attention")
 DEFAULT_METHOD = METHODS[0]
-ROBUST = {"lr": 5e-4, "steps": 100}  # the gentler rule before the closed form; steps per forgotten concept
+# the gentler rule before the closed form: steps per forgotten concept; the retained concepts held on 4 images
+# each of their own (docs/toy-tuning.md, "Robustness tuning")
+ROBUST = {"lr": 5e-4, "steps": 100, "retain_images": 4}
 PRESERVE_WEIGHT = 1.0  # the closed form's weight of the kept prompts
 ANCHOR_STEPS = {"shape": 100, "color": 200}  # per forgotten concept, with its anchor
 
@@ -91,7 +94,8 @@ def forget_defaults(concepts=None, anchor: bool = True, method: str = DEFAULT_ME
 
 def with_method(opts: dict, method: str, concepts, robust: dict) -> dict:
     """opts (a built-in model's attention-loss options) for `method` (METHODS): "attention+closed-form" trains
-    with robust["lr"] for robust["steps"] per concept; shared with fmn.toy.mmdit_defaults."""
+    with robust["lr"] for robust["steps"] per concept, holding the retained concepts on robust["retain_images"]
+    images each; shared with fmn.toy.mmdit_defaults."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method != "attention":  # the closed-form edit: alone, or after the attention rule's steps
@@ -100,7 +104,7 @@ def with_method(opts: dict, method: str, concepts, robust: dict) -> dict:
         opts["steps"] = 0
     if method == "attention+closed-form":
         n = len([concepts] if isinstance(concepts, str) else list(concepts or [None]))
-        opts.update(lr=robust["lr"], steps=robust["steps"] * n)
+        opts.update(lr=robust["lr"], steps=robust["steps"] * n, retain_images=robust["retain_images"])
     return opts
 
 

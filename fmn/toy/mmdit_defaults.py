@@ -25,7 +25,7 @@ FORGET_DEFAULTS = {  # the attention-loss rule's (forget_defaults' method="atten
 ANCHOR_WEIGHT = 16.0
 ANCHOR_STEPS = {"shape": 200, "color": 200}  # per forgotten concept, with its anchor
 UNANCHORED_STEPS = 150
-ROBUST = {"lr": 2.5e-4, "steps": 100}  # the gentler rule before the closed form; steps per concept
+ROBUST = {"lr": 2.5e-4, "steps": 100, "retain_images": 4}  # the gentler rule before the closed form (per concept)
 
 
 def forget_defaults(concepts=None, anchor: bool = True, method: str = DEFAULT_METHOD) -> dict:

@@ -286,9 +286,10 @@ def test_default_model_or_a_clear_error(builtin_circle, tmp_path):
     if shipped:
         patch = load_patch(out)
         assert rc == 0 and patch.concepts == ["circle"]
-        # the toy model's defaults fill what the command leaves unset: the other shapes are retained
+        # the toy model's defaults fill what the command leaves unset: the other shapes are retained, on their
+        # own images (fmn.toy.defaults.ROBUST)
         assert patch.options["retain"] == ["square", "triangle", "star", "heart"]
-        assert patch.options["retain_weight"] == 8.0 and patch.options["retain_images"] == 0
+        assert patch.options["retain_weight"] == 8.0 and patch.options["retain_images"] == 4
         assert "a red {}" in patch.options["template"]  # the toy caption forms (fmn.toy.defaults.templates_for)
         assert patch.options["anchor"] == ["square"] and patch.options["anchor_weight"] == 16.0
         assert patch.summary["anchor_losses"] is not None

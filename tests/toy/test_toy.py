@@ -181,12 +181,14 @@ def test_toy_forget_defaults_anchor_each_forgotten_shape_on_the_next_kept_one():
     for concept in ("circle", "red"):
         plain = attention_defaults(concept, anchor=False)
         assert "anchor" not in plain and plain["steps"] == FORGET_DEFAULTS["steps"]
-        # the default: the gentler attention rule (ROBUST), then the closed-form edit, over the same prompts,
-        # anchor and retained phrases; the closed form alone (no step) and the attention rule alone on request
+        # the default: the gentler attention rule (ROBUST: the retained phrases held on their own images), then
+        # the closed-form edit, over the same prompts, anchor and retained phrases; the closed form alone (no
+        # step) and the attention rule alone on request
         default, closed = forget_defaults(concept), forget_defaults(concept, method="closed-form")
         assert default["closed_form"] is True and (default["steps"], default["lr"]) == (ROBUST["steps"], ROBUST["lr"])
+        assert default["retain_images"] == ROBUST["retain_images"] > 0 == attention_defaults(concept)["retain_images"]
         assert closed["closed_form"] is True and closed["steps"] == 0
-        same = ("closed_form", "steps", "lr", "preserve_weight")
+        same = ("closed_form", "steps", "lr", "preserve_weight", "retain_images")
         for opts in (default, closed):
             assert {k: v for k, v in opts.items() if k not in same} \
                 == {k: v for k, v in attention_defaults(concept).items() if k not in same}
