@@ -67,10 +67,10 @@ def train(name, base, concept, seed, args):
 def measure(pipe, concept, split, seed, classifier, args) -> dict:
     """Attack, Memorization Score and the split's UA / retains of one forgotten model."""
     t0 = time.perf_counter()
-    inv = rb.invert(pipe, concept, args.inversion_steps, seed=split["inversion_seed"] + 10 * seed)
-    row = {"MS": rb.embedding_similarity(inv["pipe"], concept),
-           "attack": rb.shown_rate(inv["pipe"], concept, classifier, split["attack_seeds"]),
-           "inversion_loss": [sum(inv["losses"][:20]) / 20, sum(inv["losses"][-20:]) / 20]}
+    a = rb.attack(pipe, concept, classifier, args.inversion_steps, seeds=split["attack_seeds"],
+                  seed=split["inversion_seed"] + 10 * seed)
+    row = {"MS": rb.embedding_similarity(a["pipe"], concept), "attack": a["success"],
+           "inversion_loss": [a["loss_first"], a["loss_last"]]}
     row["robust_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     m = evaluate_split(pipe, args.split, forgotten=concept, classifier=classifier,

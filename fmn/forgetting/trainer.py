@@ -186,6 +186,7 @@ def train_steps(family, accel, opts, device, refs, texts, trainable, autocast, h
     return train_and_measure(run, caches, accel, concepts, trainable.params)
 
 
+@torch.enable_grad()  # it trains: also when called inside the caller's torch.no_grad() or inference code
 def forget(pipe, concepts, images=None, **options) -> Patch:
     """Makes `pipe`'s denoiser forget `concepts`; returns the Patch (save it with `patch.save(path)`).
 
