@@ -104,7 +104,7 @@ def with_method(opts: dict, method: str, concepts, robust: dict) -> dict:
         opts["steps"] = 0
     if method == "attention+closed-form":
         n = len([concepts] if isinstance(concepts, str) else list(concepts or [None]))
-        opts.update(lr=robust["lr"], steps=robust["steps"] * n, retain_images=robust["retain_images"])
+        opts.update(robust, steps=robust["steps"] * n)
     return opts
 
 

@@ -246,10 +246,10 @@ def attack(patched, concept: str, classifier=None, steps: int = INVERSION_STEPS,
         classifier = load_classifier()
     inv = invert(patched, concept, steps, lr, seed=seed)
     success = shown_rate(inv["pipe"], concept, classifier, seeds)
+    first, last = inv["losses"][:20], inv["losses"][-20:]  # means over 20 steps: one step's loss is noisy
     return {"success": success, "steps": steps, "lr": lr, "n_images": 5 * len(list(seeds)),
-            "loss_first": inv["losses"][0] if inv["losses"] else None,
-            "loss_last": sum(inv["losses"][-20:]) / max(1, len(inv["losses"][-20:])), "pipe": inv["pipe"],
-            "vector": inv["vector"]}
+            "loss_first": sum(first) / len(first) if first else None,
+            "loss_last": sum(last) / max(1, len(last)), "pipe": inv["pipe"], "vector": inv["vector"]}
 
 
 def report(base, patched, concepts, classifier=None, steps: int = INVERSION_STEPS, lr: float = INVERSION_LR,

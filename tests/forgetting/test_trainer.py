@@ -21,6 +21,8 @@ from helpers import interrupt_on_call
 FAST = dict(steps=2, lr=1e-3, backend="reference", progress=False, gen_steps=1)
 
 
+def latents(n=2, seed=0):
+    return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
 def test_forget_trains_inside_the_callers_no_grad(sd1):
@@ -30,10 +32,6 @@ def test_forget_trains_inside_the_callers_no_grad(sd1):
         patch = forget(pipe, "cat", images=latents(), **FAST)
         assert not torch.is_grad_enabled()
     assert patch.tensors and patch.summary["loss_after"] != patch.summary["loss_before"]
-
-
-def latents(n=2, seed=0):
-    return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
