@@ -196,7 +196,8 @@ def given_options(a) -> dict:
         retain=a.retain, retain_weight=a.retain_weight, retain_samples=a.retain_samples,
         retain_images=a.retain_images, anchor=_anchor_arg(a.anchor), anchor_weight=a.anchor_weight,
         precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, backend=a.backend,
-        closed_form=a.closed_form, preserve_weight=a.preserve_weight,
+        closed_form=a.closed_form, preserve_weight=a.preserve_weight, preserve_base=a.preserve_base,
+        closed_form_rounds=a.closed_form_rounds,
         inversion=a.inversion, inversion_steps=a.inversion_steps, inversion_tokens=a.inversion_tokens,
         patch_dtype=a.patch_dtype, max_grad_norm=a.max_grad_norm, device=a.device,
         cuda_graphs=False if a.no_cuda_graphs else None,
@@ -647,10 +648,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "to the base model's with the anchor in its place (Concept Ablation); \"\" for none")
     f.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor loss (default 1)")
     f.add_argument("--closed-form", action=argparse.BooleanOptionalAction, default=None,
-                   help="before training, solve the anchor edit in closed form on the layers that read the text "
+                   help="after training, solve the anchor edit in closed form on the layers that read the text "
                         "(UCE): the concept's prompts become the anchor's, --retain phrases are kept")
     f.add_argument("--preserve-weight", type=POSITIVE_FLOAT, default=None,
                    help="closed form: weight of the kept prompts against the concept's (default 1)")
+    f.add_argument("--preserve-base", action=argparse.BooleanOptionalAction, default=None,
+                   help="closed form: hold the kept prompts to the base model's outputs, not the trained ones'")
+    f.add_argument("--closed-form-rounds", type=NON_NEGATIVE, default=None,
+                   help="closed form: adversarial rounds (RECE) that also edit the embeddings found to bring "
+                        "the concept back (default 0)")
     f.add_argument("--lora-rank", type=POSITIVE, default=4)
     f.add_argument("--lora-alpha", type=float, default=None)
     f.add_argument("--inversion", action="store_true", help="concept inversion (textual inversion) first")

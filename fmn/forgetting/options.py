@@ -46,11 +46,15 @@ class ForgetOptions:
                                        # paper): one phrase, or one per concept; its outputs held to the base's
                                        # with the anchor in the concept's place
     anchor_weight: float = 1.0         # weight of the anchor loss
-    closed_form: bool = False          # before training, the anchor edit solved in closed form on the layers
+    closed_form: bool = False          # after training, the anchor edit solved in closed form on the layers
                                        # that read the text (fmn.forgetting.closed_form, UCE; not in the paper): the
                                        # concept's prompts -> the anchor's ("" without an anchor), the retained
-                                       # phrases' and the empty prompt kept; steps=0 then trains nothing after it
+                                       # phrases' and the empty prompt kept; steps=0: the edit alone
     preserve_weight: float = 1.0       # closed form: weight of the kept prompts against the concept's
+    preserve_base: bool = False        # closed form: the kept prompts held to the base weights' outputs, not the
+                                       # trained ones' (what training moved on them goes back)
+    closed_form_rounds: int = 0        # closed form: adversarial rounds (RECE) that also edit the embeddings
+                                       # found to bring the concept back through the edited layers
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
     max_grad_norm: float | None = None  # gradient clipping (off, as in effect in the authors' code)
@@ -93,6 +97,11 @@ class ForgetOptions:
             bad("closed_form edits the base weights and cannot be combined with train='lora'")
         if not (self.preserve_weight > 0 and math.isfinite(self.preserve_weight)):
             bad(f"preserve_weight must be positive, got {self.preserve_weight!r}")
+        if not isinstance(self.preserve_base, bool):
+            bad(f"preserve_base must be True or False, got {self.preserve_base!r}")
+        if isinstance(self.closed_form_rounds, bool) or not isinstance(self.closed_form_rounds, int) \
+                or self.closed_form_rounds < 0:
+            bad(f"closed_form_rounds must be an int >= 0, got {self.closed_form_rounds!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             bad(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.train not in TRAIN_SETS:

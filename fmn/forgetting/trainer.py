@@ -112,7 +112,9 @@ def closed_form_edit(family, trainable, texts, concepts, tpl, opts, parts) -> di
     target = texts.get("anchor") or encode(family, [""] * len(concepts), tpl, concept_of, opts, parts)
     keep = [encode(family, [""], tpl, [0] * len(tpl), opts, parts),  # the bare templates, "", the retained
             encode(family, [""], ["{}"], [0], opts, parts)] + ([texts["retain"]] if "retain" in texts else [])
-    closed_form.edit(trainable.edited, [texts["concept"]], [target], keep, opts.preserve_weight)
+    base = {n: trainable.saved[n] for n, _, _ in trainable.edited} if opts.preserve_base else None
+    closed_form.edit(trainable.edited, [texts["concept"]], [target], keep, opts.preserve_weight, base=base,
+                     rounds=opts.closed_form_rounds)
     return {"seconds_closed_form": round(time.perf_counter() - t0, 4), "closed_form_layers": len(trainable.edited)}
 
 

@@ -54,8 +54,70 @@ def test_solve_keeps_dtype_and_refuses_bad_shapes():
         closed_form.solve(w, torch.randn(2, 4), torch.randn(2, 4), torch.randn(5, 4), 1.0)
 
 
+def test_solve_holds_the_kept_rows_to_keep_weight():
+    g = torch.Generator().manual_seed(2)
+    w, w0 = (torch.randn(6, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    c, a = torch.randn(3, 16, generator=g, dtype=torch.float64), torch.randn(3, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    new = closed_form.solve(w, c, a, k, 1.0, keep_weight=w0)
+    scale = float((k @ w0.T).abs().max())
+    assert torch.allclose(k @ new.T, k @ w0.T, atol=1e-3 * scale)  # the base's outputs, not w's
+    assert not torch.allclose(k @ new.T, k @ w.T, atol=1e-1 * scale)
+    assert torch.allclose(c @ new.T, a @ w.T, atol=1e-3 * scale)  # the anchor's under the weight as it is
+    with pytest.raises(ValueError, match="keep_weight"):
+        closed_form.solve(w, c, a, k, 1.0, keep_weight=w0[:, :8])
+
+
+def _recovery(edited, base, c):
+    """min over h of the adversarial objective: how close some embedding brings c's base outputs back."""
+    h = closed_form.adversarial_rows(edited, base, c)
+    gram = sum(w.T @ w for w in edited)
+    mu = closed_form.ADVERSARIAL_RIDGE * float(gram.diagonal().mean())
+    return sum(((h @ w.T - c @ b.T) ** 2).sum() for w, b in zip(edited, base)) + mu * (h ** 2).sum(), h, mu
+
+
+def test_adversarial_rows_minimise_the_recovery_objective():
+    g = torch.Generator().manual_seed(3)
+    edited = [torch.randn(12, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    base = [torch.randn(12, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    c = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    f0, h, mu = _recovery(edited, base, c)
+    f = lambda x: sum(((x @ w.T - c @ b.T) ** 2).sum() for w, b in zip(edited, base)) + mu * (x ** 2).sum()
+    assert torch.autograd.functional.jacobian(f, h).abs().max() < 1e-8 * float(f0)
+    for _ in range(5):
+        assert f(h + 1e-3 * torch.randn(h.shape, generator=g, dtype=torch.float64)) > f0
+
+
+def _layers(n):
+    return [(f"l{i}.weight", "embeds", torch.nn.Linear(16, 12, bias=False).double()) for i in range(n)]
+
+
+def test_edit_rounds_make_the_concept_harder_to_recover_and_keep_the_base_rows():
+    """Each adversarial round adds the embedding that best recovers the concept's base outputs; with more rounds
+    the best recovery is worse (the objective's minimum grows), while the kept rows stay at the base's outputs (16 inputs: room for every row)."""
+    from fmn.families.base import Prompts
+    g = torch.Generator().manual_seed(4)
+    c, a, k = (torch.randn(n, 16, generator=g, dtype=torch.float64) for n in (2, 2, 3))
+    texts = [Prompts(x[None], None, [0]) for x in (c, a, k)]
+    recovered = []
+    for rounds in (0, 1, 3):
+        layers = _layers(2)
+        for _, _, layer in layers:
+            layer.weight.data = torch.randn(12, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        base = {name: layer.weight.detach() + 0.1 for name, _, layer in layers}  # the weights before training
+        closed_form.edit(layers, [texts[0]], [texts[1]], [texts[2]], 1.0, base=base, rounds=rounds)
+        edited = [layer.weight.detach() for _, _, layer in layers]
+        recovered.append(float(_recovery(edited, list(base.values()), c)[0]))
+        for (name, _, layer) in layers:
+            assert torch.allclose(layer(k), k @ base[name].T, atol=5e-2 * float((k @ base[name].T).abs().max()))
+    assert recovered[0] < recovered[1] < recovered[2]
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(steps=0), "closed_form"),
+    (dict(closed_form=True, closed_form_rounds=-1), "closed_form_rounds"),
+    (dict(closed_form=True, closed_form_rounds=1.5), "closed_form_rounds"),
+    (dict(closed_form=True, preserve_base="yes"), "preserve_base"),
     (dict(closed_form=True, train="lora"), "lora"),
     (dict(closed_form=True, preserve_weight=0.0), "preserve_weight"),
     (dict(closed_form="yes"), "closed_form must be"),
@@ -108,6 +170,23 @@ def test_closed_form_then_training_steps(toy_base):
                        template=["a {}"], n_images=1, gen_steps=1, backend="reference", progress=False)
     assert any(".attn2.to_q." in n for n in patch.tensors)  # trained
     assert "loss_after" in patch.summary and "seconds_closed_form" in patch.summary
+
+
+def test_preserve_base_puts_the_kept_prompts_back_after_training(toy_base):
+    """Training moves every prompt's keys; preserve_base (with an adversarial round) brings the kept ones back towards
+    the base model's, where the plain edit keeps the trained ones."""
+    family = family_for(toy_base)
+    key = lambda p: p.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k  # noqa: E731
+    base = _values(family, key(toy_base), ["a square", "a"])
+    moved = {}
+    for preserve in (False, True):
+        pipe = copy.deepcopy(toy_base)
+        patch = fmn.forget(pipe, "heart", closed_form=True, steps=2, lr=1e-2, anchor="circle", retain=["square"],
+                           template=["a {}"], n_images=1, gen_steps=1, backend="reference", progress=False,
+                           inplace=True, seed=0, preserve_base=preserve, closed_form_rounds=int(preserve))
+        assert patch.options["preserve_base"] is preserve and patch.options["closed_form_rounds"] == int(preserve)
+        moved[preserve] = float((_values(family_for(pipe), key(pipe), ["a square", "a"]) - base).norm())
+    assert moved[True] < 0.5 * moved[False]  # not all the way: more kept rows (every slot) than dimensions
 
 
 def test_patch_check_allows_the_edited_layers_only_with_closed_form():
