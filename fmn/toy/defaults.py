@@ -92,8 +92,8 @@ def anchor_for(concepts) -> list[str]:
 def forget_defaults(concepts=None, anchor: bool = True, method: str = DEFAULT_METHOD) -> dict:
     """A fresh copy of the toy model's forgetting options (fmn.forget keyword arguments) for `method`
     (METHODS): "attention+closed-form" (the default) attention_defaults at ROBUST's lr and steps per concept,
-    then the closed-form edit (PRESERVE_WEIGHT; COLOR_EDIT's for colours); "closed-form" the edit alone (steps=0); "attention" the
-    attention-loss rule alone (attention_defaults)."""
+    then the closed-form edit (PRESERVE_WEIGHT; COLOR_EDIT's for colours); "closed-form" the edit alone
+    (steps=0); "attention" the attention-loss rule alone (attention_defaults)."""
     return with_method(attention_defaults(concepts, anchor), method, concepts, ROBUST, COLOR_EDIT)
 
 

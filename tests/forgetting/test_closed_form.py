@@ -94,7 +94,8 @@ def _layers(n):
 
 def test_edit_rounds_make_the_concept_harder_to_recover_and_keep_the_base_rows():
     """Each adversarial round adds the embedding that best recovers the concept's base outputs; with more rounds
-    the best recovery is worse (the objective's minimum grows), while the kept rows stay at the base's outputs (16 inputs: room for every row)."""
+    the best recovery is worse (the objective's minimum grows), while the kept rows stay at the base's outputs
+    (16 inputs: room for every row)."""
     from fmn.families.base import Prompts
     g = torch.Generator().manual_seed(4)
     c, a, k = (torch.randn(n, 16, generator=g, dtype=torch.float64) for n in (2, 2, 3))

@@ -190,7 +190,8 @@ def test_toy_forget_defaults_anchor_each_forgotten_shape_on_the_next_kept_one():
         assert default["retain_images"] == ROBUST["retain_images"] > 0 == attention_defaults(concept)["retain_images"]
         assert closed["closed_form"] is True and closed["steps"] == 0
         # colours: the edit holds the other colours at the base's outputs, with adversarial rounds; shapes: plain
-        assert {k: default.get(k) for k in COLOR_EDIT} == (COLOR_EDIT if concept == "red" else dict.fromkeys(COLOR_EDIT))
+        edit = {k: default.get(k) for k in COLOR_EDIT}
+        assert edit == (COLOR_EDIT if concept == "red" else dict.fromkeys(COLOR_EDIT))
         assert not set(COLOR_EDIT) & set(closed)
         same = ("closed_form", "steps", "lr", "preserve_weight", "retain_images", *COLOR_EDIT)
         for opts in (default, closed):
