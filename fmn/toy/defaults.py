@@ -34,7 +34,7 @@ ROBUST = {"lr": 5e-4, "steps": 100, "retain_images": 4}
 PRESERVE_WEIGHT = 1.0  # the closed form's weight of the kept prompts
 # colours: the kept colours back at the base's keys and values, with adversarial rounds against the inverted token
 # (docs/toy-tuning.md, "Robustness tuning"); on shapes the same cost the attack (0.8-0.9 on the tuning split)
-COLOR_EDIT = {"preserve_base": True, "closed_form_rounds": 4}
+COLOR_EDIT = {"preserve_base": True, "closed_form_rounds": 2}
 ANCHOR_STEPS = {"shape": 100, "color": 200}  # per forgotten concept, with its anchor
 
 
