@@ -40,7 +40,9 @@ SPLITS = {
     "tuning": {"forget_seeds": [1], "attack_seeds": list(range(8)), "inversion_seed": 0},
     "held-out": {"forget_seeds": [2, 3], "attack_seeds": list(range(100, 108)), "inversion_seed": 1},
 }
-METHODS = ["base", "fmn", "closed-form", "attention", "fmn+inversion", "esd-x", "suppress"]
+METHODS = ["base", "fmn", "fmn+preserve-base", "closed-form", "attention", "fmn+inversion", "esd-x", "suppress"]
+# fmn, then the edit holds the kept prompts at the base's outputs, with adversarial rounds (docs/toy-tuning.md)
+PRESERVE_BASE = {"preserve_base": True, "closed_form_rounds": 2}
 SEEDLESS = {"base", "closed-form", "suppress"}  # no randomness in their training: one row per concept
 GOALS = {"UA": 0.95, "IRA_rel": 0.95, "CRA_rel": 0.95, "attack": 0.2}  # attack: at most
 COLUMNS = ["concept", "method", "seed", "attack", "MS", "UA", "IRA_rel", "CRA_rel", "train_s", "robust_s"]
@@ -55,9 +57,11 @@ def train(name, base, concept, seed, args):
     pipe, t0 = copy.deepcopy(base), time.perf_counter()
     if name == "fmn+inversion":
         rb.forget_with_inversion(pipe, concept, rounds=1, method="attention+closed-form", seed=seed)
-    elif name in ("fmn", "closed-form"):
+    elif name in ("fmn", "fmn+preserve-base", "closed-form"):
         method = "closed-form" if name == "closed-form" else "attention+closed-form"
-        fmn.forget(pipe, [concept], inplace=True, progress=False, **dict(defaults([concept], method=method), seed=seed))
+        extra = PRESERVE_BASE if name == "fmn+preserve-base" else {}
+        fmn.forget(pipe, [concept], inplace=True, progress=False,
+                   **dict(defaults([concept], method=method), seed=seed, **extra))
     else:
         pipe = make_model(ATTENTION_RULE if name == "attention" else name, base, [concept], args.esd_lr, None,
                           seed=seed, defaults=defaults)[0]

@@ -4,10 +4,8 @@ The default (forget_defaults, method="attention+closed-form"): Forget-Me-Not's a
 the fused kernels, with the toy's caption forms as templates (templates_for), the other shapes or colours
 held to the base model's outputs (retain_for) and each concept pulled towards the next shape or colour
 (anchor_for), ROBUST's lr, steps per concept and retain images; then the closed-form anchor edit
-(fmn.forgetting.closed_form) on the trained weights; for colours (COLOR_EDIT) the edit holds the other
-colours at the base model's keys and values and runs adversarial rounds (RECE). The training is what resists
-a textual-inversion attack on shapes: the closed form alone is one linear map on the text embeddings, which
-an inverted token goes around.
+(fmn.forgetting.closed_form) on the trained weights. The training is what resists a textual-inversion
+attack: the closed form alone is one linear map on the text embeddings, which an inverted token goes around.
 method="closed-form" (fmn forget --steps 0): the edit alone, no training step; method="attention"
 (--no-closed-form): the attention rule alone, at its own lr and steps. Held-out results: docs/results.md,
 docs/results-robustness.md.
@@ -32,9 +30,6 @@ DEFAULT_METHOD = METHODS[0]
 # each of their own (docs/toy-tuning.md, "Robustness tuning")
 ROBUST = {"lr": 5e-4, "steps": 100, "retain_images": 4}
 PRESERVE_WEIGHT = 1.0  # the closed form's weight of the kept prompts
-# colours: the kept colours back at the base's keys and values, with adversarial rounds against the inverted token
-# (docs/toy-tuning.md, "Robustness tuning"); on shapes the same cost the attack (0.8-0.9 on the tuning split)
-COLOR_EDIT = {"preserve_base": True, "closed_form_rounds": 2}
 ANCHOR_STEPS = {"shape": 100, "color": 200}  # per forgotten concept, with its anchor
 
 
@@ -92,16 +87,15 @@ def anchor_for(concepts) -> list[str]:
 def forget_defaults(concepts=None, anchor: bool = True, method: str = DEFAULT_METHOD) -> dict:
     """A fresh copy of the toy model's forgetting options (fmn.forget keyword arguments) for `method`
     (METHODS): "attention+closed-form" (the default) attention_defaults at ROBUST's lr and steps per concept,
-    then the closed-form edit (PRESERVE_WEIGHT; COLOR_EDIT's for colours); "closed-form" the edit alone
+    then the closed-form edit (PRESERVE_WEIGHT); "closed-form" the edit alone
     (steps=0); "attention" the attention-loss rule alone (attention_defaults)."""
-    return with_method(attention_defaults(concepts, anchor), method, concepts, ROBUST, COLOR_EDIT)
+    return with_method(attention_defaults(concepts, anchor), method, concepts, ROBUST)
 
 
-def with_method(opts: dict, method: str, concepts, robust: dict, color_edit: dict | None = None) -> dict:
+def with_method(opts: dict, method: str, concepts, robust: dict) -> dict:
     """opts (a built-in model's attention-loss options) for `method` (METHODS): "attention+closed-form" trains
     with robust["lr"] for robust["steps"] per concept, holding the retained concepts on robust["retain_images"]
-    images each, then edits with color_edit's options when only colours are forgotten; shared with
-    fmn.toy.mmdit_defaults."""
+    images each; shared with fmn.toy.mmdit_defaults."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method != "attention":  # the closed-form edit: alone, or after the attention rule's steps
@@ -109,10 +103,7 @@ def with_method(opts: dict, method: str, concepts, robust: dict, color_edit: dic
     if method == "closed-form":
         opts["steps"] = 0
     if method == "attention+closed-form":
-        names, shape, color = _domains(concepts)
-        opts.update(robust, steps=robust["steps"] * max(1, len(names)))
-        if color and not shape:
-            opts.update(color_edit or {})
+        opts.update(robust, steps=robust["steps"] * max(1, len(_domains(concepts)[0])))
     return opts
 
 

@@ -170,8 +170,7 @@ def test_toy_forget_defaults_retain_the_other_concepts_of_the_forgotten_domain()
 
 
 def test_toy_forget_defaults_anchor_each_forgotten_shape_on_the_next_kept_one():
-    from fmn.toy.defaults import (ANCHOR_STEPS, COLOR_EDIT, FORGET_DEFAULTS, ROBUST, anchor_for, attention_defaults,
-                                  forget_defaults)
+    from fmn.toy.defaults import ANCHOR_STEPS, FORGET_DEFAULTS, ROBUST, anchor_for, attention_defaults, forget_defaults
     assert anchor_for("circle") == ["square"] and anchor_for("heart") == ["circle"]
     assert anchor_for(["circle", "square"]) == ["triangle", "triangle"]
     assert anchor_for("red") == ["green"] and anchor_for(["purple", "red"]) == ["green", "green"]
@@ -189,11 +188,7 @@ def test_toy_forget_defaults_anchor_each_forgotten_shape_on_the_next_kept_one():
         assert default["closed_form"] is True and (default["steps"], default["lr"]) == (ROBUST["steps"], ROBUST["lr"])
         assert default["retain_images"] == ROBUST["retain_images"] > 0 == attention_defaults(concept)["retain_images"]
         assert closed["closed_form"] is True and closed["steps"] == 0
-        # colours: the edit holds the other colours at the base's outputs, with adversarial rounds; shapes: plain
-        edit = {k: default.get(k) for k in COLOR_EDIT}
-        assert edit == (COLOR_EDIT if concept == "red" else dict.fromkeys(COLOR_EDIT))
-        assert not set(COLOR_EDIT) & set(closed)
-        same = ("closed_form", "steps", "lr", "preserve_weight", "retain_images", *COLOR_EDIT)
+        same = ("closed_form", "steps", "lr", "preserve_weight", "retain_images")
         for opts in (default, closed):
             assert {k: v for k, v in opts.items() if k not in same} \
                 == {k: v for k, v in attention_defaults(concept).items() if k not in same}
