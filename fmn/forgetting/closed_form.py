@@ -92,11 +92,11 @@ def edit(layers, concept: list, target: list, keep: list, preserve_weight: float
         if c is None or a is None or k is None:
             continue
         start = [layer.weight.detach().clone() for _, layer in group]
-        ref = [start[i] if base is None else base[name].to(start[i]) for i, (name, _) in enumerate(group)]
+        ref = [w if base is None else base[name].to(w) for (name, _), w in zip(group, start)]
         rows_c, rows_a = c, a
         for r in range(rounds + 1):
             for (_, layer), w, w0 in zip(group, start, ref):
-                layer.weight.data = solve(w, rows_c, rows_a, k, preserve_weight, w0 if base is not None else None)
+                layer.weight.data = solve(w, rows_c, rows_a, k, preserve_weight, keep_weight=w0)
             if r < rounds:
                 found = adversarial_rows([layer.weight for _, layer in group], ref, c)
                 rows_c, rows_a = torch.cat([rows_c, found]), torch.cat([rows_a, a])
