@@ -10,8 +10,10 @@ Per concept, method and forgetting seed: forget, then
 Splits (SPLITS): "tuning" is what the defaults were tuned on (forgetting seed 1, attack seeds 0-7, the
 tuning prompts); "held-out" is what is reported (forgetting seeds 2 and 3, attack seeds 100-107, other
 inversion starts, the held-out prompts). Methods without randomness in their training (base, closed-form,
-suppress) run once per concept. Rows are appended to a .jsonl as they come (a rerun skips the rows it has);
-the summary (mean, min and max over seeds per concept and method) goes to a .json and a .png.
+suppress) run once per concept. --inversions K runs K attacks (inversion starts) on each forgotten model: one
+inversion either finds a way back or does not, so one per model gives a noisy figure. Rows (one per forgotten
+model and attack) are appended to a .jsonl as they come (a rerun skips the rows it has and reuses their
+evaluation); the summary (mean, min and max over every row per concept and method) goes to a .json and a .png.
 
     python bench/bench_robustness.py [--model toy-mmdit] [--split tuning] [--concepts circle red] [--markdown]
 """
@@ -45,7 +47,7 @@ METHODS = ["base", "fmn", "fmn+preserve-base", "closed-form", "attention", "fmn+
 PRESERVE_BASE = {"preserve_base": True, "closed_form_rounds": 2}
 SEEDLESS = {"base", "closed-form", "suppress"}  # no randomness in their training: one row per concept
 GOALS = {"UA": 0.95, "IRA_rel": 0.95, "CRA_rel": 0.95, "attack": 0.2}  # attack: at most
-COLUMNS = ["concept", "method", "seed", "attack", "MS", "UA", "IRA_rel", "CRA_rel", "train_s", "robust_s"]
+COLUMNS = ["concept", "method", "seed", "inversion", "attack", "MS", "UA", "IRA_rel", "CRA_rel", "train_s", "robust_s"]
 
 
 def train(name, base, concept, seed, args):
@@ -68,14 +70,23 @@ def train(name, base, concept, seed, args):
     return pipe, nullcontext(), time.perf_counter() - t0
 
 
-def measure(pipe, concept, split, seed, classifier, args) -> dict:
-    """Attack, Memorization Score and the split's UA / retains of one forgotten model."""
+def inversion_seed(split, seed, inversion) -> int:
+    """The attack's inversion start for forgetting seed `seed`; inversion 0 is the one every row had before
+    --inversions."""
+    return split["inversion_seed"] + 10 * seed + 1000 * inversion
+
+
+def measure(pipe, concept, split, seed, inversion, classifier, args, evaluation=None) -> dict:
+    """Attack, Memorization Score and the split's UA / retains of one forgotten model (`evaluation`: that
+    model's, measured already)."""
     t0 = time.perf_counter()
     a = rb.attack(pipe, concept, classifier, args.inversion_steps, seeds=split["attack_seeds"],
-                  seed=split["inversion_seed"] + 10 * seed)
+                  seed=inversion_seed(split, seed, inversion))
     row = {"MS": rb.embedding_similarity(a["pipe"], concept), "attack": a["success"],
            "inversion_loss": [a["loss_first"], a["loss_last"]]}
     row["robust_s"] = time.perf_counter() - t0
+    if evaluation is not None:
+        return dict(row, eval=evaluation, eval_s=0.0)
     t0 = time.perf_counter()
     m = evaluate_split(pipe, args.split, forgotten=concept, classifier=classifier,
                        **family_for(pipe).pipeline_kwargs())
@@ -101,13 +112,14 @@ def with_relative(rows: list[dict]) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per concept and method: mean, min and max over forgetting seeds, and whether the goals are met."""
+    """Per concept and method: mean, min and max over its rows (forgetting seeds x attacks), how many attacks,
+    and whether the goals are met."""
     groups = {}
     for r in with_relative(rows):
         groups.setdefault((r["concept"], r["method"]), []).append(r)
     out = []
     for (concept, method), rs in groups.items():
-        s = {"concept": concept, "method": method, "seeds": [r["seed"] for r in rs]}
+        s = {"concept": concept, "method": method, "seeds": sorted({r["seed"] for r in rs}), "attacks": len(rs)}
         for k in ("attack", "UA", "IRA_rel", "CRA_rel", "MS", "train_s"):
             vals = [r[k] for r in rs if r.get(k) is not None]
             if vals:
@@ -158,27 +170,37 @@ def plot(summary: list[dict], methods: list[str], path: Path) -> None:
 
 def run(args, out_jsonl: Path) -> None:
     split = SPLITS[args.split]
-    done = {(r["concept"], r["method"], r["seed"]) for r in load_rows(out_jsonl)}
+    evaluated = {(r["concept"], r["method"], r["seed"]): r["eval"] for r in load_rows(out_jsonl)}
+    done = {(r["concept"], r["method"], r["seed"], r.get("inversion", 0)) for r in load_rows(out_jsonl)}
     torch.set_num_threads(args.threads)
     base, classifier = load_pipeline(args.model), load_classifier()
     for concept in args.concepts:
         for name in ["base"] + [m for m in args.methods if m != "base"]:
             for seed in split["forget_seeds"][:1] if name in SEEDLESS else split["forget_seeds"]:
-                if (concept, name, seed) in done:
-                    continue
-                torch.manual_seed(0)
-                try:
-                    pipe, ctx, train_s = train(name, base, concept, seed, args)
-                    with ctx:
-                        row = measure(pipe, concept, split, seed, classifier, args)
-                except Exception as e:  # noqa: BLE001 - a failing method is reported, the others go on
-                    print(f"{concept} / {name} / seed {seed}: {type(e).__name__}: {e}", file=sys.stderr)
-                    continue
-                row = {"concept": concept, "method": name, "seed": seed, "split": args.split, "train_s": train_s,
-                       **row, "load_1min": os.getloadavg()[0]}
-                with out_jsonl.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print_table(with_relative(load_rows(out_jsonl))[-1:], COLUMNS)
+                todo = [j for j in range(args.inversions) if (concept, name, seed, j) not in done]
+                if todo:
+                    run_one(args, out_jsonl, base, classifier, concept, name, seed, todo,
+                            evaluated.get((concept, name, seed)))
+
+
+def run_one(args, out_jsonl, base, classifier, concept, name, seed, inversions, evaluation) -> None:
+    """Forget with method `name` and seed `seed`, then one row per attack in `inversions`; a failure is
+    reported and the run goes on."""
+    split = SPLITS[args.split]
+    torch.manual_seed(0)
+    try:
+        pipe, ctx, train_s = train(name, base, concept, seed, args)
+        for j in inversions:
+            with ctx:
+                row = measure(pipe, concept, split, seed, j, classifier, args, evaluation)
+            evaluation = row["eval"]
+            row = {"concept": concept, "method": name, "seed": seed, "inversion": j, "split": args.split,
+                   "train_s": train_s, **row, "load_1min": os.getloadavg()[0]}
+            with out_jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print_table(with_relative(load_rows(out_jsonl))[-1:], COLUMNS)
+    except Exception as e:  # noqa: BLE001 - a failing method is reported, the others go on
+        print(f"{concept} / {name} / seed {seed}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def main():
@@ -189,6 +211,7 @@ def main():
     ap.add_argument("--methods", nargs="+", default=["base", "fmn", "closed-form", "esd-x", "suppress"],
                     choices=METHODS)
     ap.add_argument("--inversion-steps", type=int, default=rb.INVERSION_STEPS, help="the attack's inversion steps")
+    ap.add_argument("--inversions", type=int, default=1, help="attacks (inversion starts) per forgotten model")
     ap.add_argument("--esd-lr", type=float, default=None, help="default: bench_quality's for the model")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="summary .json (rows beside it as .jsonl)")
@@ -211,7 +234,7 @@ def main():
                       "probe_images": rb.PROBE_IMAGES, "start": "random direction at the vocabulary's mean norm"},
         "summary": summary, "rows_file": out_jsonl.name})
     plot(summary, methods, args.out.with_suffix(".png"))
-    print_table(summary, ["concept", "method", "seeds", "attack", "attack_min", "attack_max", "UA", "IRA_rel",
+    print_table(summary, ["concept", "method", "seeds", "attacks", "attack", "attack_min", "attack_max", "UA", "IRA_rel",
                           "CRA_rel", "meets_goals"])
     if args.markdown:
         print(markdown(summary, methods))
