@@ -51,11 +51,14 @@ COLUMNS = ["concept", "method", "seed", "inversion", "attack", "MS", "UA", "IRA_
 
 
 def train(name, base, concept, seed, args):
-    """(pipeline, context to run it in, training seconds) of method `name`."""
+    """(pipeline, training seconds, the context to generate in as a function of the pipeline, or None) of
+    method `name`. suppress acts at generation, so the attack's images are drawn under fmn.suppress of the
+    attack's own (token-bearing) pipeline: the token is not the concept's word, so nothing is zeroed for it."""
     defaults = defaults_for(args.model)
-    if name in ("base", "suppress"):
-        ctx = fmn.suppress(base, [concept]) if name == "suppress" else nullcontext()
-        return base, ctx, 0.0
+    if name == "base":
+        return base, 0.0, None
+    if name == "suppress":
+        return base, 0.0, lambda pipe: fmn.suppress(pipe, [concept])
     pipe, t0 = copy.deepcopy(base), time.perf_counter()
     if name == "fmn+inversion":
         rb.forget_with_inversion(pipe, concept, rounds=1, method="attention+closed-form", seed=seed)
@@ -67,7 +70,7 @@ def train(name, base, concept, seed, args):
     else:
         pipe = make_model(ATTENTION_RULE if name == "attention" else name, base, [concept], args.esd_lr, None,
                           seed=seed, defaults=defaults)[0]
-    return pipe, nullcontext(), time.perf_counter() - t0
+    return pipe, time.perf_counter() - t0, None
 
 
 def inversion_seed(split, seed, inversion) -> int:
@@ -76,20 +79,21 @@ def inversion_seed(split, seed, inversion) -> int:
     return split["inversion_seed"] + 10 * seed + 1000 * inversion
 
 
-def measure(pipe, concept, split, seed, inversion, classifier, args, evaluation=None) -> dict:
+def measure(pipe, concept, split, seed, inversion, classifier, args, evaluation=None, drawing_in=None) -> dict:
     """Attack, Memorization Score and the split's UA / retains of one forgotten model (`evaluation`: that
-    model's, measured already)."""
+    model's, measured already; drawing_in: train's context to generate in)."""
     t0 = time.perf_counter()
     a = rb.attack(pipe, concept, classifier, args.inversion_steps, seeds=split["attack_seeds"],
-                  seed=inversion_seed(split, seed, inversion))
+                  seed=inversion_seed(split, seed, inversion), drawing_in=drawing_in)
     row = {"MS": rb.embedding_similarity(a["pipe"], concept), "attack": a["success"],
            "inversion_loss": [a["loss_first"], a["loss_last"]]}
     row["robust_s"] = time.perf_counter() - t0
     if evaluation is not None:
         return dict(row, eval=evaluation, eval_s=0.0)
     t0 = time.perf_counter()
-    m = evaluate_split(pipe, args.split, forgotten=concept, classifier=classifier,
-                       **family_for(pipe).pipeline_kwargs())
+    with (drawing_in or (lambda p: nullcontext()))(pipe):
+        m = evaluate_split(pipe, args.split, forgotten=concept, classifier=classifier,
+                           **family_for(pipe).pipeline_kwargs())
     row["eval"] = {k: m[k] for k in ("ua", "in_domain_retain", "cross_domain_retain", "retain_shape_acc",
                                      "retain_color_acc") if k in m}
     row["eval_s"] = time.perf_counter() - t0
@@ -189,10 +193,9 @@ def run_one(args, out_jsonl, base, classifier, concept, name, seed, inversions, 
     split = SPLITS[args.split]
     torch.manual_seed(0)
     try:
-        pipe, ctx, train_s = train(name, base, concept, seed, args)
+        pipe, train_s, drawing_in = train(name, base, concept, seed, args)
         for j in inversions:
-            with ctx:
-                row = measure(pipe, concept, split, seed, j, classifier, args, evaluation)
+            row = measure(pipe, concept, split, seed, j, classifier, args, evaluation, drawing_in)
             evaluation = row["eval"]
             row = {"concept": concept, "method": name, "seed": seed, "inversion": j, "split": args.split,
                    "train_s": train_s, **row, "load_1min": os.getloadavg()[0]}

@@ -21,6 +21,7 @@ uses; only that embedding row changes.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -237,15 +238,20 @@ def shown_rate(pipe_with_token, concept: str, classifier, seeds=ATTACK_SEEDS, to
 
 
 def attack(patched, concept: str, classifier=None, steps: int = INVERSION_STEPS, lr: float = INVERSION_LR,
-           seeds=ATTACK_SEEDS, seed: int = 0) -> dict:
+           seeds=ATTACK_SEEDS, seed: int = 0, drawing_in=None) -> dict:
     """Inversion attack on a (patched) pipeline: invert the concept's probe images on it with `steps`
     steps, draw 5 prompts x len(seeds) images from the learned token, and return the share showing the
-    concept ("success") with the attack's settings and its inverted-token pipeline ("pipe")."""
+    concept ("success") with the attack's settings and its inverted-token pipeline ("pipe").
+
+    drawing_in: for a defence applied at generation (e.g. `lambda p: fmn.suppress(p, [concept])`), a
+    function of the token-bearing pipeline giving the context to draw in. It must wrap that pipeline, not
+    `patched`: a wrapper on `patched` would draw with its text encoder, which lacks the token."""
     if classifier is None:
         from fmn.toy.classifier import load_classifier
         classifier = load_classifier()
     inv = invert(patched, concept, steps, lr, seed=seed)
-    success = shown_rate(inv["pipe"], concept, classifier, seeds)
+    with (drawing_in or (lambda p: nullcontext()))(inv["pipe"]):
+        success = shown_rate(inv["pipe"], concept, classifier, seeds)
     first, last = inv["losses"][:20], inv["losses"][-20:]  # means over 20 steps: one step's loss is noisy
     return {"success": success, "steps": steps, "lr": lr, "n_images": 5 * len(list(seeds)),
             "loss_first": sum(first) / len(first) if first else None,

@@ -2,7 +2,6 @@
 model measured already is reused, and the summary spans every row."""
 import sys
 from argparse import Namespace
-from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -17,9 +16,9 @@ def fake_run(monkeypatch):
 
     def train(name, base, concept, seed, args):
         calls["train"].append((name, seed))
-        return f"{name} {seed}", nullcontext(), 1.0
+        return f"{name} {seed}", 1.0, None
 
-    def measure(pipe, concept, split, seed, inversion, classifier, args, evaluation=None):
+    def measure(pipe, concept, split, seed, inversion, classifier, args, evaluation=None, drawing_in=None):
         calls["measure"].append((pipe, inversion, evaluation is not None))
         ua = 0.0 if pipe.startswith("base") else 1.0
         evaluation = evaluation or {"ua": ua, "in_domain_retain": 0.9, "cross_domain_retain": 1.0}

@@ -72,3 +72,20 @@ def test_memorization_score_is_zero_change_between_a_model_and_itself(pipe):
 def test_attack_reports_a_rate_over_its_images(pipe, classifier):
     res = attack(pipe, "circle", classifier, steps=5, seeds=(0,))
     assert res["n_images"] == 5 and res["steps"] == 5 and res["success"] in {i / 5 for i in range(6)}
+
+
+def test_a_defence_at_generation_wraps_the_attacks_own_pipeline(pipe, classifier):
+    """drawing_in gets the token-bearing pipeline, and drawing under fmn.suppress of that pipeline uses the
+    token (a suppress on the base pipeline would draw with an encoder that lacks it)."""
+    import fmn
+    seen = []
+
+    def drawing_in(p):
+        seen.append(p)
+        return fmn.suppress(p, ["circle"])
+    with pytest.warns(UserWarning):  # suppress says no prompt held "circle": the token is not the word
+        res = attack(pipe, "circle", classifier, steps=2, seeds=(0,), drawing_in=drawing_in)
+    assert seen == [res["pipe"]] and TOKEN in seen[0].tokenizer.get_vocab()
+    tpipe = with_token(pipe, _word_vector(pipe, "heart"))
+    with pytest.warns(UserWarning), fmn.suppress(tpipe, ["circle"]):
+        assert shown_rate(tpipe, "heart", classifier, seeds=(0,), num_inference_steps=10) >= 0.8
