@@ -237,8 +237,8 @@ def main():
                       "probe_images": rb.PROBE_IMAGES, "start": "random direction at the vocabulary's mean norm"},
         "summary": summary, "rows_file": out_jsonl.name})
     plot(summary, methods, args.out.with_suffix(".png"))
-    print_table(summary, ["concept", "method", "seeds", "attacks", "attack", "attack_min", "attack_max", "UA", "IRA_rel",
-                          "CRA_rel", "meets_goals"])
+    print_table(summary, ["concept", "method", "seeds", "attacks", "attack", "attack_min", "attack_max", "UA",
+                          "IRA_rel", "CRA_rel", "meets_goals"])
     if args.markdown:
         print(markdown(summary, methods))
 
