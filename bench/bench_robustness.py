@@ -50,13 +50,18 @@ GOALS = {"UA": 0.95, "IRA_rel": 0.95, "CRA_rel": 0.95, "attack": 0.2}  # attack:
 COLUMNS = ["concept", "method", "seed", "inversion", "attack", "MS", "UA", "IRA_rel", "CRA_rel", "train_s", "robust_s"]
 
 
+def plain(pipe):
+    """The context to generate in for a method that changes the weights: none."""
+    return nullcontext()
+
+
 def train(name, base, concept, seed, args):
-    """(pipeline, training seconds, the context to generate in as a function of the pipeline, or None) of
-    method `name`. suppress acts at generation, so the attack's images are drawn under fmn.suppress of the
+    """(pipeline, training seconds, the context to generate in as a function of the pipeline) of method
+    `name`. suppress acts at generation, so the attack's images are drawn under fmn.suppress of the
     attack's own (token-bearing) pipeline: the token is not the concept's word, so nothing is zeroed for it."""
     defaults = defaults_for(args.model)
     if name == "base":
-        return base, 0.0, None
+        return base, 0.0, plain
     if name == "suppress":
         return base, 0.0, lambda pipe: fmn.suppress(pipe, [concept])
     pipe, t0 = copy.deepcopy(base), time.perf_counter()
@@ -70,7 +75,7 @@ def train(name, base, concept, seed, args):
     else:
         pipe = make_model(ATTENTION_RULE if name == "attention" else name, base, [concept], args.esd_lr, None,
                           seed=seed, defaults=defaults)[0]
-    return pipe, time.perf_counter() - t0, None
+    return pipe, time.perf_counter() - t0, plain
 
 
 def inversion_seed(split, seed, inversion) -> int:
@@ -79,7 +84,7 @@ def inversion_seed(split, seed, inversion) -> int:
     return split["inversion_seed"] + 10 * seed + 1000 * inversion
 
 
-def measure(pipe, concept, split, seed, inversion, classifier, args, evaluation=None, drawing_in=None) -> dict:
+def measure(pipe, concept, split, seed, inversion, classifier, args, evaluation=None, drawing_in=plain) -> dict:
     """Attack, Memorization Score and the split's UA / retains of one forgotten model (`evaluation`: that
     model's, measured already; drawing_in: train's context to generate in)."""
     t0 = time.perf_counter()
@@ -91,7 +96,7 @@ def measure(pipe, concept, split, seed, inversion, classifier, args, evaluation=
     if evaluation is not None:
         return dict(row, eval=evaluation, eval_s=0.0)
     t0 = time.perf_counter()
-    with (drawing_in or (lambda p: nullcontext()))(pipe):
+    with drawing_in(pipe):
         m = evaluate_split(pipe, args.split, forgotten=concept, classifier=classifier,
                            **family_for(pipe).pipeline_kwargs())
     row["eval"] = {k: m[k] for k in ("ua", "in_domain_retain", "cross_domain_retain", "retain_shape_acc",

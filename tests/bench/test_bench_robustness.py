@@ -16,9 +16,9 @@ def fake_run(monkeypatch):
 
     def train(name, base, concept, seed, args):
         calls["train"].append((name, seed))
-        return f"{name} {seed}", 1.0, None
+        return f"{name} {seed}", 1.0, br.plain
 
-    def measure(pipe, concept, split, seed, inversion, classifier, args, evaluation=None, drawing_in=None):
+    def measure(pipe, concept, split, seed, inversion, classifier, args, evaluation=None, drawing_in=br.plain):
         calls["measure"].append((pipe, inversion, evaluation is not None))
         ua = 0.0 if pipe.startswith("base") else 1.0
         evaluation = evaluation or {"ua": ua, "in_domain_retain": 0.9, "cross_domain_retain": 1.0}
